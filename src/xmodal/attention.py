@@ -1,0 +1,413 @@
+"""Cross-modal attention: text tokens (queries) attend to image features (keys and values).
+
+Legend: ``b`` batch, ``t`` text tokens, ``i`` image tokens, ``h`` query heads, ``k`` key/value
+heads (``h`` is a multiple of ``k``; ``g = h // k`` query heads share one key/value head),
+``d`` head width, ``D`` text width, ``E`` image width.
+
+There is one attention core, :func:`attend`, with two paths:
+
+* the **fused** path (``need_weights=False``) calls ``scaled_dot_product_attention`` and never
+  materialises the ``b·h·t·i`` scores;
+* the **explicit** path (``need_weights=True``) computes the scores, takes a float32 softmax and
+  returns the probabilities, for people who want to look at them.
+
+Both paths give a zero context vector -- and all-zero weights -- to a query that may see no
+image token, in forward and backward, in every dtype; neither ever produces NaN for it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from xmodal.masks import normalize_attention_mask
+
+__all__ = ["CrossModalAttention", "ImageKV", "attend"]
+
+
+@dataclass
+class ImageKV:
+    """Projected image keys and values, ready to be attended to again and again.
+
+    Made by :meth:`CrossModalAttention.encode_image`; pass it as ``image_kv=`` to skip the key
+    and value projections (and the key norm) at every decoding step. Keys are stored after the
+    optional q/k-norm, at the key/value head count (so a GQA layer caches ``k`` heads, not
+    ``h``).
+
+    Attributes:
+        key: ``(b, k, i, d)``
+        value: ``(b, k, i, d)``
+    """
+
+    key: Tensor
+    value: Tensor
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.key, Tensor) or not isinstance(self.value, Tensor):
+            raise TypeError(
+                f"ImageKV.key and ImageKV.value must be tensors, got "
+                f"{type(self.key).__name__} and {type(self.value).__name__}"
+            )
+        if self.key.dim() != 4 or self.key.shape != self.value.shape:
+            raise ValueError(
+                f"ImageKV.key and ImageKV.value must both have shape (b, k, i, d), got "
+                f"{tuple(self.key.shape)} and {tuple(self.value.shape)}"
+            )
+
+    @property
+    def batch_size(self) -> int:
+        return self.key.shape[0]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.key.shape[1]
+
+    @property
+    def image_len(self) -> int:
+        return self.key.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.key.shape[3]
+
+    def extend(self, other: ImageKV) -> ImageKV:
+        """Append ``other``'s image tokens after this cache's: a new image mid-conversation.
+
+        The earlier images are not projected again; only the new one needs
+        :meth:`CrossModalAttention.encode_image`. Masks must grow by ``other.image_len``
+        columns to match.
+        """
+        if not isinstance(other, ImageKV):
+            raise TypeError(f"other must be an ImageKV, got {type(other).__name__}")
+        if (self.batch_size, self.num_kv_heads, self.head_dim) != (
+            other.batch_size,
+            other.num_kv_heads,
+            other.head_dim,
+        ):
+            raise ValueError(
+                f"cannot extend an ImageKV of shape {tuple(self.key.shape)} with one of shape "
+                f"{tuple(other.key.shape)}: batch, heads and head width must match"
+            )
+        return ImageKV(
+            torch.cat([self.key, other.key], dim=2),  # (b, k, i + i', d)
+            torch.cat([self.value, other.value], dim=2),
+        )
+
+
+try:  # lets torch.export take an ImageKV as an input
+    torch.export.register_dataclass(ImageKV)
+except (AttributeError, ValueError):  # pragma: no cover - older torch, or registered twice
+    pass
+
+
+def _fold_groups(q: Tensor, mask: Tensor | None, num_kv_heads: int) -> tuple[Tensor, Tensor | None]:
+    """Fold the ``g`` query heads that share a key/value head into the query axis.
+
+    Cross-attention has no causal structure, so the ``g`` query heads of a group are just ``g·t``
+    queries against the same keys: ``(b, h, t, d) -> (b, k, g·t, d)``. This serves grouped-query
+    attention with the K/V heads as they are -- no ``repeat_interleave`` of keys and values --
+    and with the larger matrix products that suit a CPU (compare SDPA's ``enable_gqa``, which
+    the CPU kernels serve by expanding K/V).
+    """
+    b, h, t, d = q.shape
+    g = h // num_kv_heads
+    q = q.reshape(b, num_kv_heads, g * t, d)  # (b, k, g·t, d)
+    if mask is not None:
+        mb, mh, mt, i = mask.shape
+        if mh == 1 and mt == 1:
+            pass  # (b|1, 1, 1, i) broadcasts over g·t as it is
+        else:
+            mask = mask.expand(mb, h, t, i).reshape(mb, num_kv_heads, g * t, i)
+    return q, mask
+
+
+def attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None = None,
+    *,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Scaled dot-product attention with xmodal's masking rules. The one attention core.
+
+    Args:
+        q: queries ``(b, h, t, d)``.
+        k, v: keys and values ``(b, k, i, d)``; ``h`` must be a multiple of ``k``.
+        mask: ``None`` or a boolean keep-mask broadcastable to ``(b, h, t, i)`` of rank 4
+            (see :func:`xmodal.masks.normalize_attention_mask`). ``True`` = may attend.
+        dropout_p: dropout on the attention probabilities (pass ``0.0`` in evaluation).
+        need_weights: ``False`` runs the fused kernel and returns ``None`` weights; ``True``
+            runs the explicit path (float32 softmax) and returns the probabilities.
+
+    Returns:
+        ``(context, weights)``: context ``(b, h, t, d)`` in ``q``'s dtype; weights
+        ``(b, h, t, i)`` in ``q``'s dtype (probabilities *before* dropout) or ``None``. A query
+        whose mask row is all ``False`` gets a zero context and zero weights.
+    """
+    b, h, t, d = q.shape
+    num_kv_heads, i = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(d)
+
+    if i == 0:  # nothing to see: every query gets the zero context (a static-shape branch)
+        context = q.new_zeros(b, h, t, d)
+        return context, (q.new_zeros(b, h, t, 0) if need_weights else None)
+
+    g = h // num_kv_heads
+    if g > 1:
+        q, mask = _fold_groups(q, mask, num_kv_heads)  # (b, k, g·t, d)
+
+    # A row with no visible token would be a 0/0 softmax. Let it see everything (finite, with
+    # finite gradients), then zero its output: the same rule on every kernel and torch version.
+    visible = None if mask is None else mask.any(dim=-1, keepdim=True)  # (b|1, ·, ·, 1)
+
+    if not need_weights:
+        context = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=None if visible is None else mask | ~visible,
+            dropout_p=dropout_p,
+            scale=scale,
+        )  # (b, k, g·t, d)
+        if visible is not None:
+            context = context.masked_fill(~visible, 0.0)
+        weights = None
+    else:
+        # Scale q before the product (as SDPA does) so fp16 scores stay in range; softmax in fp32.
+        scores = torch.matmul(q * scale, k.transpose(-2, -1)).float()  # (b, k, g·t, i)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
+        probs = torch.softmax(scores, dim=-1)
+        if mask is not None:
+            probs = probs.masked_fill(~mask, 0.0)  # all-masked rows: uniform -> zero
+        probs = probs.to(q.dtype)
+        dropped = F.dropout(probs, p=dropout_p, training=True) if dropout_p > 0 else probs
+        context = torch.matmul(dropped, v)  # (b, k, g·t, d)
+        weights = probs.reshape(b, h, t, i)
+
+    context = context.reshape(b, h, t, d)
+    return context, weights
+
+
+class CrossModalAttention(nn.Module):
+    """Multi-head attention from text tokens (queries) to image features (keys and values).
+
+    Legend: ``b`` batch, ``t`` text tokens, ``i`` image tokens, ``D`` = ``embed_dim`` (text
+    width), ``E`` = ``image_dim``, ``h`` = ``num_heads``, ``k`` = ``num_kv_heads``,
+    ``d`` = ``head_dim``.
+
+    A drop-in, fixed version of the seed notebook's module: same defaults, same positional call,
+    same return value and the same parameter names (``text_query``, ``image_key``,
+    ``image_value``, ``output_proj``), so a notebook ``state_dict`` loads unchanged.
+
+    Args:
+        embed_dim: width ``D`` of the text features, and of the output.
+        num_heads: number of query heads ``h``.
+        image_dim: width ``E`` of the image features (default ``embed_dim``).
+        head_dim: width ``d`` of each head (default ``embed_dim // num_heads``, which must then
+            divide evenly). The inner width is ``h·d``.
+        num_kv_heads: key/value heads ``k`` (default ``num_heads``): grouped-query attention
+            when ``1 < k < h``, multi-query when ``k = 1``. Must divide ``num_heads``.
+        qk_norm: apply an RMSNorm over the head width to queries and keys (as Llama 3.2
+            Vision's cross-attention does).
+        dropout: dropout probability on the attention weights, applied only in training.
+        bias: whether the four projections have biases.
+
+    Shapes:
+        text_features ``(b, t, D)``, image_features ``(b, i, E)``, output ``(b, t, D)``,
+        weights ``(b, h, t, i)``.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int = 256,
+        num_heads: int = 8,
+        *,
+        image_dim: int | None = None,
+        head_dim: int | None = None,
+        num_kv_heads: int | None = None,
+        qk_norm: bool = False,
+        dropout: float = 0.1,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        _check_positive_int("embed_dim", embed_dim)
+        _check_positive_int("num_heads", num_heads)
+        image_dim = embed_dim if image_dim is None else image_dim
+        _check_positive_int("image_dim", image_dim)
+        if head_dim is None:
+            if embed_dim % num_heads:
+                raise ValueError(
+                    f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads}) "
+                    f"when head_dim is not given; pass head_dim= to choose the head width"
+                )
+            head_dim = embed_dim // num_heads
+        _check_positive_int("head_dim", head_dim)
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        _check_positive_int("num_kv_heads", num_kv_heads)
+        if num_heads % num_kv_heads:
+            raise ValueError(
+                f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads})"
+            )
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+            raise TypeError(f"dropout must be a float in [0, 1), got {dropout!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+
+        self.embed_dim = embed_dim
+        self.image_dim = image_dim
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+
+        self.text_query = nn.Linear(embed_dim, num_heads * head_dim, bias=bias)
+        self.image_key = nn.Linear(image_dim, num_kv_heads * head_dim, bias=bias)
+        self.image_value = nn.Linear(image_dim, num_kv_heads * head_dim, bias=bias)
+        self.output_proj = nn.Linear(num_heads * head_dim, embed_dim, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+        self.q_norm = nn.RMSNorm(head_dim) if qk_norm else None
+        self.k_norm = nn.RMSNorm(head_dim) if qk_norm else None
+
+    @property
+    def inner_dim(self) -> int:
+        """``h·d``: the width of the queries and of the attention output before projection."""
+        return self.num_heads * self.head_dim
+
+    def extra_repr(self) -> str:
+        return (
+            f"embed_dim={self.embed_dim}, image_dim={self.image_dim}, num_heads={self.num_heads}, "
+            f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}"
+        )
+
+    def encode_image(self, image_features: Tensor) -> ImageKV:
+        """Project image features to keys and values once, for reuse across decoding steps.
+
+        Args:
+            image_features: ``(b, i, E)``.
+
+        Returns:
+            an :class:`ImageKV` with key and value ``(b, k, i, d)``.
+        """
+        _check_features("image_features", image_features, self.image_dim, self.image_key.weight)
+        b, i, _ = image_features.shape
+        key = self.image_key(image_features).view(b, i, self.num_kv_heads, self.head_dim)
+        value = self.image_value(image_features).view(b, i, self.num_kv_heads, self.head_dim)
+        key, value = key.transpose(1, 2), value.transpose(1, 2)  # (b, k, i, d)
+        if self.k_norm is not None:
+            key = self.k_norm(key)
+        return ImageKV(key, value)
+
+    def forward(
+        self,
+        text_features: Tensor,
+        image_features: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        *,
+        need_weights: bool = True,
+        image_kv: ImageKV | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Attend from text to image.
+
+        Args:
+            text_features: ``(b, t, D)`` queries.
+            image_features: ``(b, i, E)`` keys and values. Leave ``None`` when ``image_kv`` is
+                given.
+            attention_mask: keep-mask, ``True`` (or non-zero) = this query may attend to this
+                image token. ``(b, i)``, ``(b, t, i)`` or ``(b|1, h|1, t, i)``; leading sizes
+                may be 1 to broadcast. A query with no visible token gets a zero context (the
+                output is then ``output_proj``'s bias) and zero weights.
+            need_weights: ``True`` (the notebook's behaviour, the default) takes the explicit
+                path and returns the ``(b, h, t, i)`` softmax probabilities, computed in float32
+                and returned in the input dtype, before dropout. ``False`` runs the fused
+                ``scaled_dot_product_attention`` kernel, never materialises the scores, and
+                returns ``None`` weights. Ask for ``False`` unless you look at the weights.
+            image_kv: keys and values from :meth:`encode_image`, instead of ``image_features``.
+
+        Returns:
+            ``(output, weights)``: output ``(b, t, D)``; weights ``(b, h, t, i)`` or ``None``.
+
+        Dropout acts on the attention probabilities in training mode only.
+        """
+        _check_features("text_features", text_features, self.embed_dim, self.text_query.weight)
+        b, t, _ = text_features.shape
+        if image_kv is None:
+            if image_features is None:
+                raise ValueError("pass either image_features or image_kv, got neither")
+            if isinstance(image_features, Tensor) and image_features.dim() == 3 and image_features.shape[0] != b:
+                raise ValueError(
+                    f"text_features and image_features must have the same batch size, got "
+                    f"shapes {tuple(text_features.shape)} and {tuple(image_features.shape)}"
+                )
+            image_kv = self.encode_image(image_features)
+        elif image_features is not None:
+            raise ValueError("pass either image_features or image_kv, not both")
+        self._check_image_kv(image_kv, b, text_features)
+
+        q = self.text_query(text_features).view(b, t, self.num_heads, self.head_dim)
+        q = q.transpose(1, 2)  # (b, h, t, d)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        mask = normalize_attention_mask(
+            attention_mask,
+            batch_size=b,
+            num_heads=self.num_heads,
+            text_len=t,
+            image_len=image_kv.image_len,
+            device=text_features.device,
+        )  # (b|1, h|1, t|1, i) bool
+        dropout_p = self.dropout.p if self.training else 0.0
+        context, weights = attend(
+            q, image_kv.key, image_kv.value, mask, dropout_p=dropout_p, need_weights=need_weights
+        )  # (b, h, t, d), (b, h, t, i) | None
+        context = context.transpose(1, 2).reshape(b, t, self.inner_dim)  # (b, t, h·d)
+        return self.output_proj(context), weights
+
+    def _check_image_kv(self, kv: ImageKV, batch_size: int, text: Tensor) -> None:
+        if not isinstance(kv, ImageKV):
+            raise TypeError(f"image_kv must be an ImageKV, got {type(kv).__name__}")
+        expected = (batch_size, self.num_kv_heads, kv.image_len, self.head_dim)
+        if tuple(kv.key.shape) != expected:
+            raise ValueError(
+                f"image_kv.key has shape {tuple(kv.key.shape)}, expected (b, k, i, d) = "
+                f"{expected} for text_features of batch size {batch_size}"
+            )
+        if kv.key.device != text.device:
+            raise ValueError(
+                f"image_kv is on {kv.key.device}, but text_features is on {text.device}"
+            )
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+
+
+def _check_features(name: str, x: object, width: int, weight: Tensor) -> None:
+    """Check a ``(b, n, width)`` feature tensor against the projection that will read it."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 3:
+        raise ValueError(
+            f"{name} must have shape (b, n, {width}), got rank {x.dim()} shape {tuple(x.shape)}"
+        )
+    if x.shape[-1] != width:
+        raise ValueError(
+            f"{name} must have shape (b, n, {width}), got last dimension {x.shape[-1]} "
+            f"(shape {tuple(x.shape)})"
+        )
+    if x.device != weight.device:
+        raise ValueError(f"{name} is on {x.device}, but the module's weights are on {weight.device}")
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(
+            f"{name} has dtype {x.dtype}, but the module's weights are {weight.dtype}; "
+            f"convert one of them (module.to({x.dtype}) or {name}.to({weight.dtype})), "
+            f"or run under torch.autocast"
+        )

@@ -1,0 +1,1 @@
+"""The ``xmodal`` command line. See :func:`xmodal.cli.main.main`."""
