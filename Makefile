@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 # The CPU wheel of torch lies on this machine's disk; installing it first keeps pip from
 # pulling a multi-GB CUDA build to satisfy `torch>=2.5`.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= test,dev,train,viz
+EXTRAS ?= test,dev,train,viz,interop
 
 .PHONY: setup demo test lint bench clean
 

@@ -24,10 +24,20 @@ scores. That is the form ``scaled_dot_product_attention`` takes without copying 
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["normalize_attention_mask"]
+__all__ = [
+    "MEDIA_POLICIES",
+    "MediaPolicy",
+    "media_attention_mask",
+    "media_locations_from_ids",
+    "normalize_attention_mask",
+    "visible_media_range",
+]
 
 
 def _fmt(shape: tuple[int, ...] | torch.Size) -> str:
@@ -71,6 +81,7 @@ def normalize_attention_mask(
 
     if device is not None and mask.device != device:
         raise ValueError(f"{name} is on {mask.device}, but the features are on {device}")
+    allowed: tuple[tuple[int, ...], ...]
     full = (batch_size, num_heads, text_len, image_len)
     if mask.dim() == 2:
         expected = "(b|1, i)"
@@ -98,3 +109,157 @@ def normalize_attention_mask(
     if view.dtype != torch.bool:
         view = view != 0
     return view
+
+
+# --------------------------------------------------------------------------------------------
+# Media-location masks for interleaved text and images.
+#
+# Legend: ``b`` batch, ``t`` text tokens, ``m`` media (images) per row, ``n`` tokens per medium.
+# An image is marked by one token in the text (``<image>``, ``<|image|>``): ``media_locations``
+# is True there. The ``k``-th marker of a row (counting from 0) is that row's medium ``k``, whose
+# ``n`` feature tokens are columns ``k·n .. k·n + n - 1`` of the flattened ``(b, m·n, E)`` media.
+# Each policy gives every token a contiguous range ``[first, end)`` of media it may see; the
+# marker token itself already sees its image, and no token ever sees a later image.
+# --------------------------------------------------------------------------------------------
+
+MediaPolicy = Literal["immediate", "all_previous", "grouped"]
+MEDIA_POLICIES: tuple[str, ...] = get_args(MediaPolicy)
+
+
+def media_locations_from_ids(input_ids: Tensor, image_token_id: int) -> Tensor:
+    """``(b, t)`` token ids -> ``(b, t)`` bool, True where ``input_ids == image_token_id``.
+
+    Raises:
+        TypeError: ``input_ids`` is not an integer tensor, or ``image_token_id`` not an int.
+        ValueError: ``input_ids`` is not of rank 2.
+    """
+    if not isinstance(input_ids, Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
+    if input_ids.dim() != 2:
+        raise ValueError(
+            f"input_ids must have shape (b, t), got rank {input_ids.dim()} shape "
+            f"{_fmt(input_ids.shape)}"
+        )
+    if isinstance(image_token_id, bool) or not isinstance(image_token_id, int):
+        raise TypeError(
+            f"image_token_id must be an int, got {type(image_token_id).__name__} {image_token_id!r}"
+        )
+    return input_ids == image_token_id
+
+
+def _check_locations(media_locations: object) -> Tensor:
+    if not isinstance(media_locations, Tensor):
+        raise TypeError(
+            f"media_locations must be a torch.Tensor, got {type(media_locations).__name__}"
+        )
+    if media_locations.dim() != 2:
+        raise ValueError(
+            f"media_locations must have shape (b, t), got rank {media_locations.dim()} shape "
+            f"{_fmt(media_locations.shape)}"
+        )
+    if media_locations.is_floating_point() or media_locations.is_complex():
+        raise TypeError(
+            f"media_locations must be boolean (or integer 0/1), got dtype {media_locations.dtype}"
+        )
+    return media_locations if media_locations.dtype == torch.bool else media_locations != 0
+
+
+def visible_media_range(
+    media_locations: Tensor, *, policy: MediaPolicy = "immediate"
+) -> tuple[Tensor, Tensor]:
+    """For every token, the media it may see: indices ``first <= k < end`` (0-based).
+
+    Args:
+        media_locations: ``(b, t)`` bool (or 0/1 integers), True where an image marker is.
+        policy: ``"immediate"``, ``"all_previous"`` or ``"grouped"`` (see
+            :func:`media_attention_mask`).
+
+    Returns:
+        ``(first, end)``, two ``(b, t)`` int64 tensors. ``end`` is the number of markers at or
+        before the token, so ``end == 0`` (an empty range) means "sees no image". The ranges are
+        what a block-sparse or ``flex_attention`` mask needs: column ``c`` is visible to token
+        ``t`` iff ``first[t] <= c // n < end[t]``.
+    """
+    loc = _check_locations(media_locations)
+    if policy not in MEDIA_POLICIES:
+        raise ValueError(f"policy must be one of {MEDIA_POLICIES}, got {policy!r}")
+    end = loc.long().cumsum(dim=-1)  # (b, t): markers so far = 1 + index of the last image seen
+    if policy == "immediate":
+        first = (end - 1).clamp(min=0)
+    elif policy == "all_previous":
+        first = torch.zeros_like(end)
+    else:  # grouped: markers on adjacent positions form one group
+        after_marker = F.pad(loc[:, :-1], (1, 0), value=False)  # (b, t): a marker at t - 1
+        group_start = loc & ~after_marker  # (b, t): the first marker of a group
+        # the 1-based index of the last group's first image; indices only grow, so a running max
+        first = torch.where(group_start, end, 0).cummax(dim=-1).values
+        first = (first - 1).clamp(min=0)
+    return first, end
+
+
+def media_attention_mask(
+    media_locations: Tensor,
+    tokens_per_media: int,
+    *,
+    num_media: int | None = None,
+    policy: MediaPolicy = "immediate",
+) -> Tensor:
+    """Which text token may attend to which image token, from where the images are in the text.
+
+    Args:
+        media_locations: ``(b, t)`` bool (or 0/1 integers): True at each image's marker token
+            (see :func:`media_locations_from_ids`). Padding tokens are simply not markers.
+        tokens_per_media: ``n``, the tokens of each medium (e.g. the resampler's latents).
+        num_media: ``m``, the media slots in the ``(b, m, n, E)`` media tensor. Default: the
+            most markers in any row (this reads the tensor, so pass it under
+            ``torch.compile``). A row with more markers than ``m`` is a ``ValueError``; rows with
+            fewer leave the extra slots unseen (padding media).
+        policy:
+            * ``"immediate"`` -- a token sees only the last image at or before it (Flamingo,
+              Sec. 2.3 and Fig. 7; OpenFlamingo, Idefics).
+            * ``"all_previous"`` -- every image at or before it.
+            * ``"grouped"`` -- images on adjacent tokens form a group, and a token sees the
+              images of the last group it follows, up to itself (Llama 3.2 Vision's processor).
+
+    Returns:
+        ``(b, t, m·n)`` bool keep-mask, columns in the medium-major order of a flattened
+        ``(b, m, n, E)`` media tensor: True = may attend. A token with no visible image (before
+        the first marker, or in a row without images) has an all-False row; a
+        :class:`xmodal.GatedCrossAttentionBlock` passes it through unchanged. No token ever
+        sees an image whose marker comes after it.
+
+    Example::
+
+        locations = media_locations_from_ids(input_ids, image_token_id)
+        mask = media_attention_mask(locations, n, num_media=m, policy="immediate")
+        out = block(text, media, mask)  # media (b, m, n, E)
+    """
+    if isinstance(tokens_per_media, bool) or not isinstance(tokens_per_media, int):
+        raise TypeError(
+            f"tokens_per_media must be an int, got {type(tokens_per_media).__name__} "
+            f"{tokens_per_media!r}"
+        )
+    if tokens_per_media <= 0:
+        raise ValueError(f"tokens_per_media must be positive, got {tokens_per_media}")
+    if num_media is not None and (isinstance(num_media, bool) or not isinstance(num_media, int)):
+        raise TypeError(
+            f"num_media must be an int or None, got {type(num_media).__name__} {num_media!r}"
+        )
+    if num_media is not None and num_media < 0:
+        raise ValueError(f"num_media must be non-negative, got {num_media}")
+    first, end = visible_media_range(media_locations, policy=policy)  # (b, t) each
+    if num_media is None:
+        num_media = int(end[:, -1].max()) if end.numel() else 0
+    elif end.numel() and not torch.compiler.is_compiling():
+        most = int(end[:, -1].max())
+        if most > num_media:
+            raise ValueError(
+                f"media_locations has a row with {most} image markers, but num_media is "
+                f"{num_media}; pass num_media >= {most} (media slots in the media tensor)"
+            )
+    media_of_column = (
+        torch.arange(num_media * tokens_per_media, device=end.device) // tokens_per_media
+    )  # (m·n,)
+    return (media_of_column >= first[..., None]) & (media_of_column < end[..., None])

@@ -6,7 +6,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from xmodal.cli import demo
+from xmodal.cli import bench, demo, show
+from xmodal.cli import eval as eval_cmd
+from xmodal.cli import train as train_cmd
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,6 +17,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo.add_parser(subparsers)
+    bench.add_parser(subparsers)
+    show.add_parser(subparsers)
+    train_cmd.add_parser(subparsers)
+    eval_cmd.add_parser(subparsers)
     return parser
 
 
