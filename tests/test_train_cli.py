@@ -202,7 +202,8 @@ def test_demo_answers_fresh_scenes_and_writes_figures(
     assert "CNN+RN (Santoro et al. 2017)" in text
     assert text.count("(truth: ") == 8  # the examples
     assert (out / "scenes.png").stat().st_size > 0
-    assert (out / "attention.png").stat().st_size > 0
+    for scene in range(3):
+        assert (out / f"attention_{scene}.png").stat().st_size > 0
 
 
 def test_demo_notebook_keeps_the_notebook_example(capsys: pytest.CaptureFixture[str]) -> None:

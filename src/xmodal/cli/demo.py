@@ -96,7 +96,7 @@ def run_sort_of_clevr(args: argparse.Namespace) -> int:
 def write_figures(
     model: torch.nn.Module, data: object, predictions: object, out: Path
 ) -> list[Path]:
-    """Scenes with a question each, and one question's cross-attention over its scene."""
+    """Scenes with a question each, and three questions' cross-attention over their scenes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -132,28 +132,36 @@ def write_figures(
         from xmodal.models.vqa import VQAModel, images_to_tensor
         from xmodal.plotting import plot_token_heatmaps
 
-        k = 0  # the first question of the first scene (non-relational: names one object)
-        text = str(data.question_text[k])
-        words = torch.from_numpy(encode_words([text])).view(1, 1, -1)
-        with torch.no_grad(), record_attention(model, names=["cross_blocks.0.attn"]) as maps:
-            model(images_to_tensor(data.images[:1]), words)
-        weights = fuse_heads(maps["cross_blocks.0.attn"])[0]  # (t, i)
-        tokens = tokenize(text)
+        # One non-relational question (it names one object) in each of the first three scenes,
+        # through the last cross-attention layer: the layer that finds the named object
+        # (docs/inspect.md, pointing game).
+        last = len(blocks) - 1
+        name = f"cross_blocks.{last}.attn"
         assert isinstance(model, VQAModel)
         grid = model.config.grid
         step = int(np.prod(model.config.stem_strides))
         extent = (-step / 2, grid[1] * step - step / 2, grid[0] * step - step / 2, -step / 2)
-        fig = plot_token_heatmaps(
-            data.images[0],
-            weights[: len(tokens)],
-            tokens,
-            grid=grid,
-            extent=extent,
-            title=f"{text} → {ANSWERS[preds[k]]} (first cross-attention, heads averaged)",
-        )
-        paths.append(out / "attention.png")
-        save_figure(fig, paths[-1])
-        plt.close(fig)
+        for scene in range(min(3, data.num_images)):
+            k = scene * 20 + scene  # questions 0-9 of a scene are non-relational
+            text = str(data.question_text[k])
+            words = torch.from_numpy(encode_words([text])).view(1, 1, -1)
+            image = data.images[scene : scene + 1]
+            with torch.no_grad(), record_attention(model, names=[name]) as maps:
+                model(images_to_tensor(image), words)
+            weights = fuse_heads(maps[name])[0]  # (t, i)
+            tokens = tokenize(text)
+            fig = plot_token_heatmaps(
+                data.images[scene],
+                weights[: len(tokens)],
+                tokens,
+                grid=grid,
+                extent=extent,
+                title=f"{text} → {ANSWERS[preds[k]]} (cross-attention layer {last}, heads "
+                "averaged)",
+            )
+            paths.append(out / f"attention_{scene}.png")
+            save_figure(fig, paths[-1])
+            plt.close(fig)
     return paths
 
 
