@@ -15,6 +15,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH_SPEC)"
 	$(PIP) install --quiet -e ".[$(EXTRAS)]"
+	# OpenFlamingo's own helpers.py, the reference for `load_open_flamingo` in the tests. Its
+	# wheel pins torch==2.0.1 and imports open_clip at the top, so it is installed without
+	# dependencies and the test loads only helpers.py (torch + einops) from it.
+	$(PIP) install --quiet --no-deps "open-flamingo==2.0.1"
 	touch $@
 
 setup: $(VENV)/.installed
