@@ -724,3 +724,20 @@ def test_attend_returns_weights_in_query_dtype() -> None:
     assert context.dtype == weights.dtype == torch.float16
     assert context.shape == (1, 2, 3, 4)
     assert weights.shape == (1, 2, 3, 5)
+
+
+def test_fp16_explicit_path_survives_scores_beyond_fp16_range() -> None:
+    # q·k/√d ≈ 80,000 > 65,504 (fp16's largest): a product taken in fp16 overflows to inf and the
+    # softmax gives NaN. Both paths must give the float32 answer: attend equally to equal keys.
+    q = torch.full((1, 1, 2, 64), 100.0, dtype=torch.float16)
+    k = torch.full((1, 1, 3, 64), 100.0, dtype=torch.float16)
+    v = torch.arange(3 * 64, dtype=torch.float16).view(1, 1, 3, 64) / 64
+    want = v.float().mean(dim=2, keepdim=True).expand(1, 1, 2, 64)
+    for need_weights in (False, True):
+        context, weights = attend(q, k, v, need_weights=need_weights)
+        assert torch.isfinite(context).all(), need_weights
+        torch.testing.assert_close(context.float(), want, rtol=2e-3, atol=2e-3)
+    assert weights is not None
+    torch.testing.assert_close(
+        weights.float(), torch.full((1, 1, 2, 3), 1 / 3), rtol=2e-3, atol=1e-3
+    )

@@ -419,3 +419,8 @@ def test_nested_blocks_both_record_and_the_caller_still_gets_none() -> None:
     assert [r.name for r in outer] == ["layers.0", "layers.1", "layers.0", "layers.1"]
     assert torch.equal(outer.calls("layers.1")[0], inner["layers.1"])
     assert _hook_count(model) == 0
+
+
+def test_resampler_rollout_rejects_a_negative_image_token_count() -> None:
+    with pytest.raises(ValueError, match=r"num_image_tokens must be non-negative, got -1"):
+        resampler_rollout([torch.rand(1, 2, 3)], num_image_tokens=-1)

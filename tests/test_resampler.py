@@ -91,3 +91,13 @@ def test_errors_name_the_argument() -> None:
         PerceiverResampler(D, depth=0)
     with pytest.raises(TypeError, match=r"max_num_media must be a positive int or None, got str"):
         PerceiverResampler(D, max_num_media="2")  # type: ignore[arg-type]
+
+
+def test_media_of_the_wrong_dtype_is_a_type_error_naming_media() -> None:
+    module = _resampler()
+    with pytest.raises(TypeError, match=r"media must be a floating-point tensor, got dtype"):
+        module(torch.ones(1, 3, D, dtype=torch.long))
+    with pytest.raises(TypeError, match=r"media has dtype torch.bfloat16, but the module's"):
+        module(torch.randn(1, 3, D, dtype=torch.bfloat16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast may mix dtypes
+        assert module(torch.randn(1, 3, D, dtype=torch.bfloat16)).shape == (1, 1, 3, D)

@@ -209,10 +209,12 @@ def attend(
             context = context.masked_fill(~visible, 0.0)
         weights = None
     else:
-        # Scale q before the product (as SDPA does) so fp16 scores stay in range; softmax in fp32.
-        # float32 at least: half precision is upcast, float64 keeps its precision.
+        # Softmax in float32 at least: half precision is upcast, float64 keeps its precision.
+        # fp16 scores would overflow past 65504, so its product is taken in float32 too; bf16
+        # has float32's range and keeps its fast product.
         softmax_dtype = torch.promote_types(q.dtype, torch.float32)
-        scores = torch.matmul(q * scale, k.transpose(-2, -1)).to(softmax_dtype)  # (b, k, g·t, i)
+        qs, ks = (q.float(), k.float()) if q.dtype == torch.float16 else (q, k)
+        scores = torch.matmul(qs * scale, ks.transpose(-2, -1)).to(softmax_dtype)  # (b, k, g·t, i)
         if mask is not None:
             scores = scores.masked_fill(~mask, torch.finfo(softmax_dtype).min)
         probs = torch.softmax(scores, dim=-1)

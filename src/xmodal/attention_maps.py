@@ -528,6 +528,8 @@ def resampler_rollout(
     res = _check_residual(residual)
     if isinstance(num_image_tokens, bool) or not isinstance(num_image_tokens, int):
         raise TypeError(f"num_image_tokens must be an int, got {num_image_tokens!r}")
+    if num_image_tokens < 0:
+        raise ValueError(f"num_image_tokens must be non-negative, got {num_image_tokens}")
     if len(layer_maps) == 0:
         raise ValueError("resampler_rollout: layer_maps is empty; pass one map per layer")
     first = _check_map("layer_maps[0]", layer_maps[0], 3, "(b, n, i + n)")

@@ -58,8 +58,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     tmp = Path(tmp_name)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; give it a normal file's mode
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb") as f:  # owns (and closes) the descriptor from here on
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600: a normal mode
             view = memoryview(data)
             for start in range(0, len(view), _CHUNK):
                 f.write(view[start : start + _CHUNK])

@@ -144,6 +144,18 @@ class PerceiverResampler(nn.Module):
                 f"media must have shape (b, n, {self.dim}), (b, m, n, {self.dim}) or "
                 f"(b, m, f, n, {self.dim}), got shape {tuple(media.shape)}"
             )
+        if not media.is_floating_point():
+            raise TypeError(f"media must be a floating-point tensor, got dtype {media.dtype}")
+        weight = self.latents
+        if media.device != weight.device:
+            raise ValueError(
+                f"media is on {media.device}, but the module's weights are on {weight.device}"
+            )
+        if media.dtype != weight.dtype and not torch.is_autocast_enabled(media.device.type):
+            raise TypeError(
+                f"media has dtype {media.dtype}, but the module's weights are {weight.dtype}; "
+                f"convert one of them, or run under torch.autocast"
+            )
         if media.dim() == 3:
             x = media[:, None, None]  # (b, 1, 1, n, D)
         elif media.dim() == 4:
