@@ -125,6 +125,8 @@ def test_eval_prints_the_table_and_writes_json(
     assert 0.0 <= metrics["pointing_game"] <= 1.0
     assert 0.0 < metrics["pointing_game_chance"] < 1.0
     assert "pointing game (" in text
+    assert "colour word, heads averaged: layer0 " in text  # per layer, then the rollout
+    assert "rollout " in text
 
 
 def test_eval_on_a_published_style_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

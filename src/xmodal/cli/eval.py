@@ -100,6 +100,14 @@ def format_table(metrics: dict[str, Any], *, source: str) -> str:
             f"{_pct(metrics['pointing_game'])} (chance {_pct(metrics['pointing_game_chance'])}, "
             f"object area {_pct(metrics['pointing_game_area_fraction'])})",
         ]
+        table = metrics.get("pointing_game_table", {})
+        per_map = [  # per layer and rolled out, the colour word's map with heads averaged
+            f"{key.split('/')[0]} {_pct(value).strip()}"
+            for key, value in table.items()
+            if key.endswith("/color/mean")
+        ]
+        if per_map:
+            lines.append("  colour word, heads averaged: " + "  ".join(per_map))
     return "\n".join(lines)
 
 
