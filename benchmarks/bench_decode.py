@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -37,41 +35,18 @@ import torch
 import torch.nn.functional as F
 
 from xmodal import CrossModalAttention, GatedCrossAttentionBlock
+from xmodal.bench.measure import _sync
+from xmodal.bench.runner import machine_info
+from xmodal.checkpoint import atomic_write_text
 
 IMAGE_LENS = (576, 1601, 4096)
 DIM, HEADS = 1024, 16
 TARGET_SPEEDUP = 5.0  # at 1601 image tokens and beyond (issue 4)
 
 
-def machine() -> dict[str, object]:
-    info: dict[str, object] = {
-        "machine": platform.machine(),
-        "processor": _cpu_name(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-    }
-    if hasattr(os, "getloadavg"):
-        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def machine(device: str = "cpu") -> dict[str, object]:
+    """Machine, software and threads: the same header ``xmodal bench`` prints."""
+    return machine_info(torch.device(device))
 
 
 def time_interleaved(
@@ -266,27 +241,40 @@ def format_rows(rows: list[dict[str, object]]) -> str:
     return "\n".join(out)
 
 
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """``--device``, ``--threads`` and ``--json``: shared with ``bench_flex.py``."""
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", default=None, help="write machine info and rows here")
+
+
+def run_script(
+    args: argparse.Namespace,
+    rows: Callable[[], list[dict[str, object]]],
+    fmt: Callable[[list[dict[str, object]]], str],
+) -> int:
+    """Set threads, print the machine, run, print the table, write ``--json`` atomically."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = machine(args.device)
+    print(
+        f"# {info['cpu']} | torch {info['torch']} | {info['threads']} threads | "
+        f"device {args.device} | load {info.get('load_average_start')}"
+    )
+    result = rows()
+    print(fmt(result))
+    if args.json:
+        atomic_write_text(args.json, json.dumps({"machine": info, "rows": result}, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fp32, attention only, fewer repeats")
     parser.add_argument("--gqa", action="store_true", help="also compare the three GQA routes")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--json", default=None, help="write machine info and rows here")
+    add_common_args(parser)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    info = machine()
-    print(
-        f"# {info['processor']} | torch {info['torch']} | {info['threads']} threads | "
-        f"device {args.device} | load {info.get('load_average')}"
-    )
-    rows = run(args.quick, device=args.device, gqa=args.gqa)
-    print(format_rows(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": info, "rows": rows}, f, indent=1)
-    return 0
+    return run_script(args, lambda: run(args.quick, device=args.device, gqa=args.gqa), format_rows)
 
 
 if __name__ == "__main__":

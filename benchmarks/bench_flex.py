@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ from xmodal import attend, media_attention_mask
 from xmodal.sparse import FLEX_AVAILABLE, flex_attend, media_block_mask
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import machine, time_interleaved
+from bench_decode import add_common_args, run_script, time_interleaved
 
 T, M, N, H, HEAD_DIM = 1024, 8, 64, 8, 64
 
@@ -167,23 +166,9 @@ def format_rows(rows: list[dict[str, object]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fp32, one layout and policy")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--json", default=None, help="write machine info and rows here")
+    add_common_args(parser)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    info = machine()
-    print(
-        f"# {info['processor']} | torch {info['torch']} | {info['threads']} threads | "
-        f"device {args.device} | load {info.get('load_average')}"
-    )
-    rows = run(args.quick, device=args.device)
-    print(format_rows(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": info, "rows": rows}, f, indent=1)
-    return 0
+    return run_script(args, lambda: run(args.quick, device=args.device), format_rows)
 
 
 if __name__ == "__main__":

@@ -449,6 +449,11 @@ def _check_features(name: str, x: object, width: int, weight: Tensor) -> None:
             f"{name} must have shape (b, n, {width}), got last dimension {x.shape[-1]} "
             f"(shape {tuple(x.shape)})"
         )
+    _check_device_dtype(name, x, weight)
+
+
+def _check_device_dtype(name: str, x: Tensor, weight: Tensor) -> None:
+    """``x`` must be on ``weight``'s device and of its dtype (any dtype under autocast)."""
     if x.device != weight.device:
         raise ValueError(
             f"{name} is on {x.device}, but the module's weights are on {weight.device}"

@@ -165,10 +165,14 @@ def pointing_hits(
     maps, boxes, g, size, dil = _check_inputs(
         maps, boxes, grid, image_size, dilation, patch_centers
     )
-    table = _patch_hit_table(boxes, g, size, dil, patch_centers).to(maps.device)  # (n, i)
+    return _hits(maps, _patch_hit_table(boxes, g, size, dil, patch_centers))
+
+
+def _hits(maps: Tensor, table: Tensor) -> Tensor:
+    """``(n,)`` bool: the most-attended patch of each ``(n, i)`` map is a hit in ``table``."""
     best = maps.argmax(dim=-1, keepdim=True)  # (n, 1), first index on a tie
     saw_image = maps.sum(dim=-1) > 0  # (n,)
-    return table.gather(1, best).squeeze(1) & saw_image
+    return table.to(maps.device).gather(1, best).squeeze(1) & saw_image
 
 
 def pointing_game(
@@ -202,14 +206,12 @@ def pointing_game(
     maps, boxes, g, size, dil = _check_inputs(
         maps, boxes, grid, image_size, dilation, patch_centers
     )
-    hits = pointing_hits(
-        maps, boxes, grid=g, image_size=size, dilation=dil, patch_centers=patch_centers
-    )
+    table = _patch_hit_table(boxes, g, size, dil, patch_centers)  # (n, i), checked once
+    hits = _hits(maps, table)
     n = maps.shape[0]
     if n == 0:
         nan = float("nan")
         return PointingResult(score=nan, chance=nan, area_fraction=nan, count=0, hits=hits)
-    table = _patch_hit_table(boxes, g, size, dil, patch_centers)
     b = boxes.to(torch.float64)
     area = ((b[:, 2] - b[:, 0]).clamp_min(0) * (b[:, 3] - b[:, 1]).clamp_min(0)) / (
         size[0] * size[1]

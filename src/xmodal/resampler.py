@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from xmodal.attention import CrossModalAttention
+from xmodal.attention import CrossModalAttention, _check_device_dtype
 from xmodal.feedforward import FeedForward
 
 __all__ = ["PerceiverLayer", "PerceiverResampler"]
@@ -146,16 +146,7 @@ class PerceiverResampler(nn.Module):
             )
         if not media.is_floating_point():
             raise TypeError(f"media must be a floating-point tensor, got dtype {media.dtype}")
-        weight = self.latents
-        if media.device != weight.device:
-            raise ValueError(
-                f"media is on {media.device}, but the module's weights are on {weight.device}"
-            )
-        if media.dtype != weight.dtype and not torch.is_autocast_enabled(media.device.type):
-            raise TypeError(
-                f"media has dtype {media.dtype}, but the module's weights are {weight.dtype}; "
-                f"convert one of them, or run under torch.autocast"
-            )
+        _check_device_dtype("media", media, self.latents)
         if media.dim() == 3:
             x = media[:, None, None]  # (b, 1, 1, n, D)
         elif media.dim() == 4:
