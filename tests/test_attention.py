@@ -12,14 +12,17 @@ from __future__ import annotations
 import copy
 import io
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference.naive import keep_mask, reference_attention
 from torch import Tensor
 
+import xmodal.attention
 from xmodal import CrossModalAttention, ImageKV, attend
 from xmodal.attention import _fold_groups
 from xmodal.bench.notebook import NotebookCrossModalAttention as NotebookAttention
@@ -288,13 +291,23 @@ def test_half_precision_matches_float32(
 
 
 @pytest.mark.parametrize("mask_name", ["pad_2d_empty_element", "per_query_3d", "all_masked"])
-@pytest.mark.parametrize("need_weights", [False, True], ids=["fused", "explicit"])
+@pytest.mark.parametrize(
+    ("need_weights", "math_budget"),
+    [(False, None), (False, 0), (True, None)],
+    ids=["fused", "fused-sdpa-only", "explicit"],
+)
 @pytest.mark.parametrize(
     "dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"]
 )
 def test_fully_masked_rows_no_nan_forward_backward(
-    dtype: torch.dtype, need_weights: bool, mask_name: str
+    dtype: torch.dtype,
+    need_weights: bool,
+    math_budget: int | None,
+    mask_name: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    if math_budget is not None:  # half-precision CPU training on SDPA, not the math path
+        monkeypatch.setattr(xmodal.attention, "MATH_TRAINING_MAX_SCORES", math_budget)
     config = (2, 3, 5, 16, 16, 4, None, 2, True, True)
     module, text, image, mask = make_case(config, mask_name, dtype)
     text.requires_grad_(True)
@@ -321,6 +334,64 @@ def test_fully_masked_rows_no_nan_forward_backward(
     for name, param in module.named_parameters():
         assert param.grad is not None, name
         assert torch.isfinite(param.grad).all(), name
+
+
+def test_bf16_softmax_on_cpu_is_the_float32_softmax_rounded_once() -> None:
+    # attend's explicit path feeds bf16 scores to the softmax without upcasting them: the CPU
+    # kernel computes in float32 and rounds once. Check that claim on this torch, bit for bit,
+    # with masked (finfo.min) entries and fully masked rows as attend produces them.
+    gen = torch.Generator().manual_seed(0)
+    scores = (torch.randn(3, 4, 33, 70, generator=gen) * 8).bfloat16()
+    keep = torch.rand(3, 1, 33, 70, generator=gen) > 0.3
+    keep[0, :, 5] = False
+    lowest = torch.finfo(torch.bfloat16).min
+    masked = scores.masked_fill(~keep, lowest)
+    upcast = torch.softmax(masked.float().masked_fill(~keep, torch.finfo(torch.float32).min), -1)
+    assert torch.equal(torch.softmax(masked, dim=-1), upcast.bfloat16())
+
+
+def test_bf16_cpu_training_takes_the_math_path_and_matches_sdpa(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    dtype = torch.bfloat16
+    module, text, image, mask = make_case(CONFIGS[1].values[0], "per_query_3d", dtype)
+    calls: list[int] = []
+    sdpa = F.scaled_dot_product_attention
+
+    def counting_sdpa(*args: Any, **kwargs: Any) -> Tensor:
+        calls.append(1)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(xmodal.attention.F, "scaled_dot_product_attention", counting_sdpa)
+
+    def run(budget: int) -> tuple[Tensor, list[Tensor]]:
+        monkeypatch.setattr(xmodal.attention, "MATH_TRAINING_MAX_SCORES", budget)
+        x, y = text.clone().requires_grad_(True), image.clone().requires_grad_(True)
+        module.zero_grad()
+        out, weights = module(x, y, mask, need_weights=False)
+        assert weights is None
+        out.float().square().sum().backward()
+        assert x.grad is not None
+        assert y.grad is not None
+        return out, [x.grad, y.grad, *(p.grad for p in module.parameters())]
+
+    math_out, math_grads = run(1 << 24)
+    assert calls == []  # training in half precision on CPU: the math path
+    sdpa_out, sdpa_grads = run(0)
+    assert calls == [1]  # over the budget: SDPA
+    torch.testing.assert_close(math_out, sdpa_out, **HALF_TOLERANCES[dtype])
+    for a, b in zip(math_grads, sdpa_grads, strict=True):
+        assert a is not None
+        assert b is not None
+        scale = b.float().abs().max().clamp_min(1.0)  # gradients sum many rounded terms
+        torch.testing.assert_close(a.float() / scale, b.float() / scale, **HALF_TOLERANCES[dtype])
+    monkeypatch.setattr(xmodal.attention, "MATH_TRAINING_MAX_SCORES", 1 << 24)
+    with torch.no_grad():  # inference keeps SDPA, whose memory grows with t + i
+        module(text, image, mask, need_weights=False)
+    assert calls == [1, 1]
+    module16, text16, image16, _ = make_case(CONFIGS[1].values[0], "none", torch.float16)
+    module16(text16.requires_grad_(True), image16, need_weights=False)  # fp16: not measured
+    assert calls == [1, 1, 1]
 
 
 # --------------------------------------------------------------------------------------------

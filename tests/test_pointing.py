@@ -55,6 +55,27 @@ def test_score_and_the_two_chance_levels() -> None:
     }
 
 
+def test_chance_draws_from_the_allowed_patches() -> None:
+    box = torch.tensor([[0.0, 0.0, 10.0, 10.0]] * 2)  # dilated: patches (0..1, 0..1) hit
+    maps = torch.stack([_peak_at(0, 0), _peak_at(3, 3)])
+    allowed = torch.zeros(2, 16, dtype=torch.bool)
+    allowed[0, [0, 1, 15]] = True  # two of three attendable patches hit
+    allowed[1, [14, 15]] = True  # none does
+    result = pointing_game(maps, box, grid=GRID, image_size=SIZE, allowed=allowed)
+    assert result.chance == pytest.approx((2 / 3 + 0 / 2) / 2)
+    assert result.score == 0.5  # the score itself does not change
+    everything = pointing_game(
+        maps, box, grid=GRID, image_size=SIZE, allowed=torch.ones(2, 16, dtype=torch.bool)
+    )
+    assert everything.chance == pytest.approx(4 / 16)
+    with pytest.raises(ValueError, match=r"allowed must have shape \(2, 16\) with at least one"):
+        pointing_game(maps, box, grid=GRID, image_size=SIZE, allowed=allowed[:, :4])
+    with pytest.raises(ValueError, match="at least one True per row"):
+        pointing_game(maps, box, grid=GRID, image_size=SIZE, allowed=allowed & False)
+    with pytest.raises(TypeError, match=r"allowed must be a bool tensor, got torch\.float32"):
+        pointing_game(maps, box, grid=GRID, image_size=SIZE, allowed=allowed.float())
+
+
 def test_a_uniformly_random_pointer_scores_the_chance_level() -> None:
     gen = torch.Generator().manual_seed(0)
     n = 4000
@@ -94,11 +115,17 @@ def test_errors_name_the_argument() -> None:
         pointing_game(maps.long(), boxes, grid=GRID, image_size=SIZE)
 
 
-def _tiny_vqa():
+def _tiny_vqa(**overrides: object):
     from xmodal.models.vqa import VQAConfig, VQAModel
 
     config = VQAConfig(
-        dim=16, stem_channels=(4, 4, 4), image_layers=1, num_heads=2, ff_mult=1.0, mlp_hidden=8
+        dim=16,
+        stem_channels=(4, 4, 4),
+        image_layers=1,
+        num_heads=2,
+        ff_mult=1.0,
+        mlp_hidden=8,
+        **overrides,  # type: ignore[arg-type]
     )
     return VQAModel(config).eval()
 
@@ -150,6 +177,21 @@ def test_sort_of_clevr_pointing_runs_and_reports_the_documented_keys() -> None:
     assert given["pointing_game"] == table["layer1/words/head0"]
     with pytest.raises(ValueError, match="choice must be 'auto' or one of"):
         sort_of_clevr_pointing(model, data, choice="layer9/color/mean")
+
+
+def test_sort_of_clevr_pointing_chance_counts_only_foreground_for_a_masked_model() -> None:
+    from xmodal.data.sort_of_clevr import generate
+    from xmodal.pointing import sort_of_clevr_pointing
+
+    data = generate(3, seed=0)
+    plain = sort_of_clevr_pointing(_tiny_vqa(), data, choice="layer1/color/mean")
+    masked = sort_of_clevr_pointing(
+        _tiny_vqa(foreground_mask=True), data, choice="layer1/color/mean"
+    )
+    # About a quarter of the cells show an object, and one of six objects is named: a random
+    # foreground patch hits far more often than a random patch of the whole grid.
+    assert 0.05 < plain["pointing_game_chance"] < 0.2
+    assert masked["pointing_game_chance"] > 1.5 * plain["pointing_game_chance"]  # 0.21 vs 0.11
 
 
 def test_sort_of_clevr_pointing_finds_an_oracle_map(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -211,4 +253,4 @@ def test_pointing_table_markdown() -> None:
     assert lines[0] == "| map | color, mean of heads |"
     assert lines[2] == "| layer0 | **90.0%** |"
     assert lines[3] == "| rollout | 25.0% |"
-    assert "chance (a random patch, same rule) 10.0%" in lines[-1]
+    assert "chance (a random attendable patch, same rule) 10.0%" in lines[-1]

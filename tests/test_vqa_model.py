@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from xmodal.attention_maps import record_attention
 from xmodal.blocks import GatedCrossAttentionBlock
 from xmodal.data.sort_of_clevr import ANSWERS, encode_words, generate
 from xmodal.models.vqa import VQAConfig, VQAModel, images_to_tensor, recalibrate_batchnorm
@@ -110,6 +111,103 @@ def test_coordinates_make_positions_visible() -> None:
     torch.testing.assert_close(coords[..., 2], coords[..., 0] ** 2 + coords[..., 1] ** 2)
 
 
+def test_pixel_coordinates_enter_the_stem_as_two_channels(
+    batch: tuple[torch.Tensor, torch.Tensor],
+) -> None:
+    from xmodal.models.vqa import PixelCoordinates
+
+    images, words = batch
+    grid = PixelCoordinates()(images)[:, 3:]  # (b, 2, 75, 75): x, then y
+    assert grid.shape == (3, 2, 75, 75)
+    assert grid[0, 0, 0].tolist() == torch.linspace(-1, 1, 75).tolist()  # x grows rightwards
+    assert grid[0, 1, :, 0].tolist() == torch.linspace(-1, 1, 75).tolist()  # y grows downwards
+    model = _model(pixel_coords=True)
+    stem = model.image_encoder.stem  # type: ignore[union-attr]
+    assert stem[1].in_channels == 5
+    # A blank image is no longer the same everywhere: the stem sees where each pixel is.
+    cells = stem(torch.ones(1, 3, 75, 75))
+    assert (cells[0, :, 0, 0] - cells[0, :, -1, -1]).abs().max() > 0
+    assert model(images, words).shape == (3, 20, len(ANSWERS))
+    # Old checkpoints' configs (no such key) load as before.
+    assert VQAConfig.from_dict({}).pixel_coords is False
+
+
+@pytest.mark.parametrize(("x", "y"), [(0, 0), (3, 3), (4, 3), (37, 60), (74, 74), (44, 11)])
+def test_foreground_cells_mark_the_patch_holding_a_pixel(x: int, y: int) -> None:
+    from xmodal.models.vqa import foreground_cells
+    from xmodal.pointing import stem_patch_centers
+
+    images = torch.ones(1, 3, 75, 75)
+    images[0, 1, y, x] = 0.5  # one non-white pixel
+    keep = foreground_cells(images, (2, 2, 2))
+    assert keep.shape == (1, 10, 10)
+    assert keep.sum() == 1
+    # The kept token's centre (pointing's geometry) is within half a patch (8 px) of the pixel.
+    centers = stem_patch_centers((2, 2, 2), (10, 10))  # (100, 2) pixel (x, y)
+    offset = centers[keep.flatten()] - torch.tensor([x + 0.5, y + 0.5], dtype=centers.dtype)
+    assert offset.abs().max() <= 4
+
+
+def test_foreground_mask_hides_background_and_keeps_a_blank_image_finite(
+    batch: tuple[torch.Tensor, torch.Tensor],
+) -> None:
+    from xmodal.models.vqa import foreground_cells
+
+    images, words = batch
+    keep = foreground_cells(images, (2, 2, 2))
+    assert 0.1 < keep.float().mean() < 0.5  # six 11-pixel objects: about a quarter of 100 cells
+    assert foreground_cells(torch.ones(2, 3, 75, 75), (2, 2, 2)).all()  # nothing to show
+    model = _model(foreground_mask=True)
+    with record_attention(model) as maps:
+        model(images, words)
+    w = maps["cross_blocks.0.attn"]  # (b, h, q·t, i)
+    assert w[~keep.flatten(1)[:, None, None, :].expand_as(w)].abs().max() == 0
+    torch.testing.assert_close(w.sum(-1), torch.ones_like(w.sum(-1)))
+    blank = model(torch.ones(3, 3, 75, 75), words)
+    assert torch.isfinite(blank).all()
+
+
+def test_distance_bias_adds_slope_times_squared_distance_and_hides_background(
+    batch: tuple[torch.Tensor, torch.Tensor],
+) -> None:
+    images, words = batch
+    model = _model(distance_bias=True, foreground_mask=True).train()
+    encoder = model.image_encoder
+    assert encoder is not None
+    assert encoder.distance_slopes is not None
+    assert encoder.distance_slopes.shape == (TINY["image_layers"], TINY["num_heads"])
+    d2 = encoder.squared_distances  # (100, 100): cells (0, 0) and (0, 9) are 2 apart
+    assert d2[0, 9].item() == pytest.approx(4.0)
+    assert d2[0, 99].item() == pytest.approx(8.0)
+    pad = torch.zeros(3, 100, dtype=torch.bool)
+    pad[1, 5] = True
+    bias = encoder._distance_bias(0, pad).view(3, TINY["num_heads"], 100, 100)
+    slopes = encoder.distance_slopes[0]
+    torch.testing.assert_close(bias[0], slopes[:, None, None] * d2)
+    assert (bias[1, :, :, 5] < -1e30).all()
+    torch.testing.assert_close(bias[1, :, :, 6], bias[0, :, :, 6])
+    with torch.no_grad():  # nn.TransformerEncoderLayer's inference fast path: no NaN
+        assert torch.isfinite(model.eval()(images, words)).all()
+    model.train()(images, words).logsumexp(-1).sum().backward()
+    assert encoder.distance_slopes.grad is not None
+    assert encoder.distance_slopes.grad.abs().sum() > 0
+
+
+def test_distance_ring_pushes_back_the_near_field() -> None:
+    model = _model(distance_bias=True, distance_ring=True)
+    encoder = model.image_encoder
+    assert encoder is not None
+    assert encoder.ring_weights is not None
+    bias = encoder._distance_bias(0, None).view(TINY["num_heads"], 100, 100)
+    slopes, ring = encoder.distance_slopes[0], encoder.ring_weights[0]  # type: ignore[index]
+    d2 = encoder.squared_distances
+    cell = 2.0 / 9  # neighbouring cells of the 10×10 grid, in [-1, 1] coordinates
+    expected = slopes[:, None, None] * d2 + ring[:, None, None] * torch.exp(-d2 / cell**2)
+    torch.testing.assert_close(bias, expected)
+    # The "nearest first" head (most negative slope) now prefers a cell two away to itself.
+    assert bias[0, 0, 2] > bias[0, 0, 0]
+
+
 def test_config_round_trips_through_a_dict() -> None:
     config = VQAConfig(**TINY)  # type: ignore[arg-type]
     assert VQAConfig.from_dict(config.to_dict()) == config
@@ -122,6 +220,7 @@ def test_config_round_trips_through_a_dict() -> None:
         ({"dim": 10, "num_heads": 4}, r"dim \(10\) must be divisible by num_heads \(4\)"),
         ({"stem_strides": (2, 2)}, "stem_channels and stem_strides must be non-empty and of equal"),
         ({"dim": 0}, "dim must be a positive int, got 0"),
+        ({"distance_ring": True}, "distance_ring=True needs distance_bias=True"),
     ],
 )
 def test_config_errors(overrides: dict[str, object], message: str) -> None:

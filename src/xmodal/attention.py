@@ -7,7 +7,9 @@ heads (``h`` is a multiple of ``k``; ``g = h // k`` query heads share one key/va
 There is one attention core, :func:`attend`, with two paths:
 
 * the **fused** path (``need_weights=False``) calls ``scaled_dot_product_attention`` and never
-  materialises the ``b·h·t·i`` scores;
+  materialises the ``b·h·t·i`` scores (except in bf16 training on CPU, where the math is
+  faster than SDPA's backward and runs instead while the scores are small; see
+  :func:`_math_is_faster`);
 * the **explicit** path (``need_weights=True``) computes the scores, takes a float32 softmax and
   returns the probabilities, for people who want to look at them.
 
@@ -141,6 +143,29 @@ def _fold_groups(q: Tensor, mask: Tensor | None, num_kv_heads: int) -> tuple[Ten
     return q, mask
 
 
+# Largest b·h·t·i for which bf16 CPU training takes the math path (see _math_is_faster):
+# its float32 scores take 4 bytes each, 64 MiB at this size.
+MATH_TRAINING_MAX_SCORES = 1 << 24
+
+
+def _math_is_faster(q: Tensor, k: Tensor, v: Tensor, num_scores: int) -> bool:
+    """Whether the fused path should run the math (matmul, float32 softmax, matmul) instead.
+
+    Only for bf16 training on CPU: SDPA's CPU flash kernel has a slow bf16 backward, where
+    matmul + float32 softmax + matmul is faster forward+backward (``xmodal bench``; figures in
+    docs/benchmarks.md). It materialises the ``b·h·t·i`` scores, as training with the explicit
+    path does anyway, so only up to :data:`MATH_TRAINING_MAX_SCORES` of them. Inference, float32
+    and float16 (not measured) keep SDPA, whose memory grows with ``t + i``.
+    """
+    return (
+        q.device.type == "cpu"
+        and q.dtype == torch.bfloat16
+        and torch.is_grad_enabled()
+        and (q.requires_grad or k.requires_grad or v.requires_grad)
+        and num_scores <= MATH_TRAINING_MAX_SCORES
+    )
+
+
 def attend(
     q: Tensor,
     k: Tensor,
@@ -158,7 +183,8 @@ def attend(
         mask: ``None`` or a boolean keep-mask broadcastable to ``(b, h, t, i)`` of rank 4
             (see :func:`xmodal.masks.normalize_attention_mask`). ``True`` = may attend.
         dropout_p: dropout on the attention probabilities (pass ``0.0`` in evaluation).
-        need_weights: ``False`` runs the fused kernel and returns ``None`` weights; ``True``
+        need_weights: ``False`` runs the fused kernel (or, for bf16 training on CPU, the
+            faster math path; see :func:`_math_is_faster`) and returns ``None`` weights; ``True``
             runs the explicit path (softmax in float32, or float64 for float64 inputs) and
             returns the probabilities.
 
@@ -175,13 +201,16 @@ def attend(
         context = q.new_zeros(b, h, t, d)
         return context, (q.new_zeros(b, h, t, 0) if need_weights else None)
 
+    # The math path instead of SDPA where it is faster: half precision training on CPU.
+    explicit = need_weights or _math_is_faster(q, k, v, b * h * t * i)
+
     g = h // num_kv_heads
     # GQA: fold the query groups (see _fold_groups), except on the CPU's fused path when the
     # mask varies per query or head -- folding would copy it g times; enable_gqa reads it as is.
     # (statically_known_true: a plain bool for SDPA, and no guard, under dynamic shapes too.)
     sdpa_gqa = (
         g > 1
-        and not need_weights
+        and not explicit
         and q.device.type == "cpu"
         and mask is not None
         and not (
@@ -195,7 +224,7 @@ def attend(
     # finite gradients), then zero its output: the same rule on every kernel and torch version.
     visible = None if mask is None else mask.any(dim=-1, keepdim=True)  # (b|1, ·, ·, 1)
 
-    if not need_weights:
+    if not explicit:
         context = F.scaled_dot_product_attention(
             q,
             k,
@@ -211,8 +240,13 @@ def attend(
     else:
         # Softmax in float32 at least: half precision is upcast, float64 keeps its precision.
         # fp16 scores would overflow past 65504, so its product is taken in float32 too; bf16
-        # has float32's range and keeps its fast product.
+        # has float32's range and keeps its fast product. On CPU, bf16 goes into the softmax
+        # as it is: the kernel computes in float32 and rounds once, so the forward is
+        # bit-identical to an upcast (checked in tests) without the two casts, which cost
+        # 10 of 48 ms forward+backward at b1 t256 i576 h16 (one thread).
         softmax_dtype = torch.promote_types(q.dtype, torch.float32)
+        if q.dtype == torch.bfloat16 and q.device.type == "cpu":
+            softmax_dtype = torch.bfloat16
         qs, ks = (q.float(), k.float()) if q.dtype == torch.float16 else (q, k)
         scores = torch.matmul(qs * scale, ks.transpose(-2, -1)).to(softmax_dtype)  # (b, k, g·t, i)
         if mask is not None:
@@ -223,7 +257,7 @@ def attend(
         probs = probs.to(q.dtype)
         dropped = F.dropout(probs, p=dropout_p, training=True) if dropout_p > 0 else probs
         context = torch.matmul(dropped, v)  # (b, k, g·t, d)
-        weights = probs.reshape(b, h, t, i)
+        weights = probs.reshape(b, h, t, i) if need_weights else None
 
     # (b, k, g·t, d) -> (b, h, t, d); split-then-merge rather than reshape, which would guard on
     # the product's strides and fail torch.export with a dynamic text length

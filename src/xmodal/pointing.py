@@ -14,7 +14,9 @@ Two baselines are reported beside it:
 
 * ``chance`` -- the hit rate of a uniformly random patch under the *same* rule (the fraction of
   patches whose centres lie in the dilated box), averaged over questions. This is the honest
-  chance level for the dilated game, and the one to compare with.
+  chance level for the dilated game, and the one to compare with. When the model may attend
+  only to some patches (``allowed``, e.g. a foreground mask), the random patch is drawn from
+  those: a pointer that can only land on objects deserves no credit for avoiding background.
 * ``area_fraction`` -- the object's box area over the image area (the undilated chance level
   of a pixel-level pointer). It is smaller than ``chance``; quoting it alone would flatter the
   score.
@@ -183,6 +185,7 @@ def pointing_game(
     image_size: tuple[int, int],
     dilation: float = 1.0,
     patch_centers: Tensor | None = None,
+    allowed: Tensor | None = None,
 ) -> PointingResult:
     """Score attention maps with the pointing game (see the module docstring).
 
@@ -198,6 +201,8 @@ def pointing_game(
         patch_centers: ``(i, 2)`` the ``(x, y)`` pixel centre of each image token, where it is
             not the centre of a uniform grid cell (a strided conv stem's cells are centred on
             its sampling points, not on the cells of the image divided evenly).
+        allowed: ``(n, i)`` bool, the tokens each question's map could point at (``True`` =
+            attendable); ``chance`` then draws its random patch from these. Default: all.
 
     Returns:
         a :class:`PointingResult` (``score``, ``chance``, ``area_fraction``, ``count``,
@@ -216,9 +221,22 @@ def pointing_game(
     area = ((b[:, 2] - b[:, 0]).clamp_min(0) * (b[:, 3] - b[:, 1]).clamp_min(0)) / (
         size[0] * size[1]
     )
+    if allowed is None:
+        chance = table.double().mean().item()
+    else:
+        if not isinstance(allowed, Tensor) or allowed.dtype != torch.bool:
+            got = allowed.dtype if isinstance(allowed, Tensor) else type(allowed).__name__
+            raise TypeError(f"allowed must be a bool tensor, got {got}")
+        if allowed.shape != table.shape or not allowed.any(-1).all():
+            raise ValueError(
+                f"allowed must have shape {tuple(table.shape)} with at least one True per row, "
+                f"got shape {tuple(allowed.shape)}"
+            )
+        hit_allowed = (table & allowed.to(table.device)).double().sum(-1)
+        chance = (hit_allowed / allowed.double().sum(-1).to(table.device)).mean().item()
     return PointingResult(
         score=hits.double().mean().item(),
-        chance=table.double().mean().item(),
+        chance=chance,
         area_fraction=area.mean().item(),
         count=n,
         hits=hits,
@@ -421,6 +439,7 @@ def _pointing_table(
     self_modules = text_self_attention(model)
     maps: dict[str, list[Tensor]] = {}
     correct: list[Tensor] = []
+    allowed: list[Tensor] = []  # (B, i) per batch, when the model hides background tokens
     was_training = model.training
     model.eval()
     try:
@@ -437,6 +456,12 @@ def _pointing_table(
             ):
                 logits = model(images, questions)  # (B, 1, a)
             correct.append(logits[:, 0].argmax(-1).cpu() == answers[rows])
+            if getattr(config, "foreground_mask", False):
+                from xmodal.models.vqa import foreground_cells
+
+                allowed.append(
+                    foreground_cells(images, tuple(config.stem_strides)).flatten(1).cpu()
+                )
             sources: dict[str, Tensor] = {}  # "source/heads" -> (B, t, i)
             for heads in ("mean", "max"):
                 layer_maps = [fuse_heads(recorded[n], heads) for n in cross_names]
@@ -462,11 +487,12 @@ def _pointing_table(
         "dilation": dilation,
         "patch_centers": stem_patch_centers(tuple(config.stem_strides), config.grid),
     }
+    attendable = torch.cat(allowed) if allowed else None
     table: dict[str, PointingResult] = {}
     any_object: dict[str, float] = {}
     for key, parts in maps.items():
         m = torch.cat(parts)  # (N', i)
-        table[key] = pointing_game(m, boxes, **geometry)
+        table[key] = pointing_game(m, boxes, **geometry, allowed=attendable)
         on_any = torch.zeros(len(select), dtype=torch.bool)
         for k in range(all_boxes.shape[1]):  # does the point land on any object at all?
             on_any |= pointing_hits(m, all_boxes[:, k], **geometry)
@@ -499,7 +525,7 @@ def pointing_table_markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {source} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(
-        f"{result['pointing_game_count']} questions; chance (a random patch, same rule) "
+        f"{result['pointing_game_count']} questions; chance (a random attendable patch, same rule) "
         f"{result['pointing_game_chance']:.1%}; object area fraction "
         f"{result['pointing_game_area_fraction']:.1%}; box dilated by "
         f"{result['pointing_game_dilation']:g} patch; answer accuracy on these questions "

@@ -6,11 +6,16 @@ Legend: ``b`` images in the batch, ``q`` questions per image, ``t`` words per qu
 Read this file top to bottom: it is the whole model.
 
 1. **Image encoder** -- a small conv stem (stride-2 3×3 convolutions, 75×75 -> 10×10 by
-   default) keeps each 11-pixel object's shape in a few cells; each cell's coordinates
-   ``(x, y, x² + y²)`` are appended to its features and learned row and column embeddings
-   added, so the tokens say where they are; a few self-attention layers over the image tokens
-   let objects see each other, which the relational questions need (what is *closest to*,
-   *furthest from*, how many *others* share a shape).
+   default) keeps each 11-pixel object's shape in a few cells; optionally each pixel's
+   ``(x, y)`` enters the stem as two more channels (CoordConv), so a cell can say where within
+   it an object lies. Each cell's coordinates ``(x, y, x² + y²)`` are appended to its features
+   and learned row and column embeddings added, so the tokens say where they are; a few
+   self-attention layers over the image tokens let objects see each other, which the
+   relational questions need (what is *closest to*, *furthest from*, how many *others* share a
+   shape). Optionally their scores get a learned per-head bias ``slope · d²`` in the squared
+   distance ``d²`` between cells (plus a learned near-field term), so "nearest first" and
+   "furthest first" are one parameter away, and tokens whose patch is plain background are
+   masked out of every attention (``foreground_mask``).
 2. **Question** -- word embeddings plus 1-D positions. Each layer is Flamingo's pattern: a
    :class:`~xmodal.blocks.GatedCrossAttentionBlock` (text attends to the image tokens, through
    tanh gates whose initial value is a setting, with q/k RMSNorm) followed by a text
@@ -32,6 +37,7 @@ Two controls share the file, selected by :attr:`VQAConfig.kind`:
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -47,6 +53,7 @@ __all__ = [
     "VQAConfig",
     "VQAModel",
     "cross_entropy",
+    "foreground_cells",
     "images_to_tensor",
     "recalibrate_batchnorm",
 ]
@@ -69,6 +76,10 @@ class VQAConfig:
     gate_init: float = 0.5  # initial tanh-gate alpha (Flamingo: 0, for a frozen LM)
     qk_norm: bool = True  # RMSNorm on cross-attention queries and keys (sharper, stabler early)
     coord_features: bool = True  # append each cell's (x, y, x² + y²) to its conv features
+    pixel_coords: bool = False  # CoordConv: feed each pixel's (x, y) to the stem as 2 channels
+    foreground_mask: bool = False  # attend only to image tokens whose patch is not all white
+    distance_bias: bool = False  # image self-attention scores += slope[head] · squared distance
+    distance_ring: bool = False  # ... + weight[head] · exp(-d²/cell²): learned near-field term
     mlp_hidden: int = 256  # hidden width of the CNN+MLP baseline's MLP
     vocab_size: int = len(VOCAB)
     num_answers: int = len(ANSWERS)
@@ -86,6 +97,8 @@ class VQAConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.distance_ring and not self.distance_bias:
+            raise ValueError("distance_ring=True needs distance_bias=True")
         if self.dim % self.num_heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by num_heads ({self.num_heads})")
 
@@ -128,12 +141,16 @@ class ImageEncoder(nn.Module):
     """Conv stem -> ``(b, i, D)`` tokens with 2-D positions -> ``image_layers`` self-attention."""
 
     coords: Tensor  # (g_h, g_w, 3) buffer: x, y in [-1, 1] and x² + y²
+    squared_distances: Tensor  # (i, i) buffer: between cell centres, in those coordinates
+    near_field: Tensor  # (i, i) buffer: exp(-d² / cell spacing²)
 
     def __init__(self, config: VQAConfig) -> None:
         super().__init__()
         self.stem = conv_stem(config)
         g_h, g_w = config.grid
         self.coord_features = config.coord_features
+        self.foreground_mask = config.foreground_mask
+        self.strides = tuple(config.stem_strides)
         ys, xs = torch.meshgrid(
             torch.linspace(-1, 1, g_h), torch.linspace(-1, 1, g_w), indexing="ij"
         )
@@ -145,21 +162,79 @@ class ImageEncoder(nn.Module):
         self.row_embed = nn.Parameter(torch.randn(g_h, 1, config.dim) * 0.02)
         self.col_embed = nn.Parameter(torch.randn(1, g_w, config.dim) * 0.02)
         self.layers = nn.ModuleList(
-            _self_attention_layer(config) for _ in range(config.image_layers)
+            _self_attention_layer(config, ImageSelfAttentionLayer)
+            for _ in range(config.image_layers)
         )
+        self.num_heads = config.num_heads
+        self.distance_slopes: nn.Parameter | None = None
+        if config.distance_bias:
+            # One learned slope per layer and head, spread from "nearest first" (negative) to
+            # "furthest first" (positive): the relational questions ask for both.
+            slopes = torch.linspace(-4.0, 4.0, config.num_heads).repeat(config.image_layers, 1)
+            self.distance_slopes = nn.Parameter(slopes)  # (image_layers, h)
+        self.ring_weights: nn.Parameter | None = None
+        if config.distance_ring:
+            # Starts negative: a token's own object (within about a cell) is pushed back, so
+            # the "nearest first" heads see the nearest *other* object.
+            self.ring_weights = nn.Parameter(
+                torch.full((config.image_layers, config.num_heads), -4.0)
+            )
+        flat = coords[..., :2].reshape(-1, 2)  # (i, 2)
+        d2 = torch.cdist(flat, flat).square()  # (i, i), in [0, 8]
+        cell = 2.0 / (max(g_h, g_w) - 1)  # spacing of neighbouring cells
+        self.register_buffer("squared_distances", d2, persistent=False)
+        self.register_buffer("near_field", torch.exp(-d2 / cell**2), persistent=False)
         self.norm = nn.LayerNorm(config.dim)
 
-    def forward(self, images: Tensor) -> Tensor:
-        """``(b, 3, 75, 75)`` float in [0, 1] -> image tokens ``(b, i, D)``, row-major."""
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``(b, 3, 75, 75)`` float in [0, 1] -> image tokens ``(b, i, D)``, row-major, and
+        their keep-mask ``(b, i)`` (``True`` = foreground) or ``None`` (all tokens count)."""
+        keep = None
+        if self.foreground_mask:
+            keep = foreground_cells(images, self.strides).flatten(1)  # (b, i)
         x = self.stem(images).permute(0, 2, 3, 1)  # (b, g_h, g_w, C)
         if self.coord_features:  # the RN paper tags each cell with its coordinates, too
             x = torch.cat([x, self.coords.expand(x.shape[0], -1, -1, -1)], dim=-1)
         x = self.proj(x)  # (b, g_h, g_w, D)
         x = x + self.row_embed + self.col_embed
         x = x.flatten(1, 2)  # (b, i, D)
-        for layer in self.layers:
-            x = layer(x)
-        return self.norm(x)
+        pad = None if keep is None else ~keep  # (b, i): True = ignore (PyTorch's convention)
+        for k, layer in enumerate(self.layers):
+            if self.distance_slopes is None:
+                x = layer(x, src_key_padding_mask=pad)
+            else:
+                x = layer(x, src_mask=self._distance_bias(k, pad))
+        return self.norm(x), keep
+
+    def _distance_bias(self, layer: int, pad: Tensor | None) -> Tensor:
+        """Additive scores ``(b·h, i, i)``: slope · squared distance (+ ring · near field);
+        very negative on padded keys (finite: ``-inf`` gave NaN on the inference fast path)."""
+        assert self.distance_slopes is not None
+        bias = self.distance_slopes[layer, :, None, None] * self.squared_distances  # (h, i, i)
+        if self.ring_weights is not None:
+            bias = bias + self.ring_weights[layer, :, None, None] * self.near_field
+        if pad is None:
+            return bias
+        hidden = torch.zeros(pad.shape, dtype=bias.dtype, device=bias.device)
+        hidden = hidden.masked_fill(pad, -torch.finfo(bias.dtype).max / 4)  # (b, i)
+        bias = bias.unsqueeze(0) + hidden[:, None, None, :]  # (b, h, i, i)
+        return bias.flatten(0, 1)  # (b·h, i, i), as nn.MultiheadAttention wants
+
+
+def foreground_cells(images: Tensor, strides: tuple[int, ...]) -> Tensor:
+    """Which image tokens show an object: ``(b, 3, H, W)`` -> ``(b, g_h, g_w)`` bool.
+
+    A pixel is foreground if any channel is below white by more than half a uint8 step. A
+    token of a stride-``s`` stem (``s = prod(strides)``) is centred on pixel ``s·k`` (see
+    :func:`xmodal.pointing.stem_patch_centers`); it is foreground if any pixel of the
+    ``s × s`` patch around that centre is. An image with no foreground at all keeps every
+    token (nothing hidden, rather than everything).
+    """
+    step = math.prod(strides)
+    x = (images < 1.0 - 0.5 / 255).any(dim=1, keepdim=True).to(images.dtype)  # (b, 1, H, W)
+    x = F.max_pool2d(x, step, stride=step, padding=step // 2)  # (b, 1, g_h, g_w)
+    keep = x[:, 0] > 0
+    return keep | ~keep.flatten(1).any(-1)[:, None, None]
 
 
 def conv_stem(config: VQAConfig) -> nn.Sequential:
@@ -169,9 +244,16 @@ def conv_stem(config: VQAConfig) -> nn.Sequential:
     BatchNorm trained much faster here than GroupNorm or no norm (measured). Its running
     statistics lag behind fast-moving weights, so :func:`xmodal.training.train` recomputes them
     on fixed training images before every evaluation (:func:`recalibrate_batchnorm`).
+
+    With ``pixel_coords`` the stem starts with :class:`PixelCoordinates` (CoordConv, Liu et al.
+    2018): each pixel's ``(x, y)`` enters as two more input channels, so a cell can say where
+    *within* it an object lies -- the 10×10 grid alone places objects only to 7.5 px.
     """
     layers: list[nn.Module] = []
     c_in = 3
+    if config.pixel_coords:
+        layers.append(PixelCoordinates())
+        c_in += 2
     for c_out, stride in zip(config.stem_channels, config.stem_strides, strict=True):
         layers += [
             nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
@@ -180,6 +262,17 @@ def conv_stem(config: VQAConfig) -> nn.Sequential:
         ]
         c_in = c_out
     return nn.Sequential(*layers)
+
+
+class PixelCoordinates(nn.Module):
+    """Append each pixel's ``(x, y)`` in [-1, 1]: ``(b, C, H, W)`` -> ``(b, C + 2, H, W)``."""
+
+    def forward(self, images: Tensor) -> Tensor:
+        b, _, h, w = images.shape
+        ys = torch.linspace(-1, 1, h, device=images.device, dtype=images.dtype)
+        xs = torch.linspace(-1, 1, w, device=images.device, dtype=images.dtype)
+        grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"))  # (2, H, W): x, then y
+        return torch.cat([images, grid.expand(b, -1, -1, -1)], dim=1)
 
 
 @torch.no_grad()
@@ -214,8 +307,29 @@ def recalibrate_batchnorm(model: nn.Module, images: Tensor, *, batch_size: int =
     model.train(was_training)
 
 
-def _self_attention_layer(config: VQAConfig) -> nn.TransformerEncoderLayer:
-    return nn.TransformerEncoderLayer(
+class ImageSelfAttentionLayer(nn.TransformerEncoderLayer):
+    """A pre-norm ``nn.TransformerEncoderLayer`` that always takes the plain path.
+
+    PyTorch's inference fast path returns NaN for a per-head float ``src_mask`` ``(b·h, i, i)``
+    (the distance bias; seen with torch 2.13), so these layers compute as in training.
+    Same parameters and names as the parent, so checkpoints load either way.
+    """
+
+    def forward(
+        self,
+        src: Tensor,
+        src_mask: Tensor | None = None,
+        src_key_padding_mask: Tensor | None = None,
+        is_causal: bool = False,
+    ) -> Tensor:
+        x = src + self._sa_block(self.norm1(src), src_mask, src_key_padding_mask, is_causal)
+        return x + self._ff_block(self.norm2(x))
+
+
+def _self_attention_layer(
+    config: VQAConfig, layer: type[nn.TransformerEncoderLayer] = nn.TransformerEncoderLayer
+) -> nn.TransformerEncoderLayer:
+    return layer(
         config.dim,
         config.num_heads,
         dim_feedforward=int(config.ff_mult * config.dim),
@@ -312,12 +426,16 @@ class VQAModel(nn.Module):
 
         d = self.config.dim
         x = words + self.pos_embed[:t]  # (b, q, t, D)
-        image = None if self.image_encoder is None else self.image_encoder(images)  # (b, i, D)
+        image, image_keep = None, None
+        if self.image_encoder is not None:
+            image, image_keep = self.image_encoder(images)  # (b, i, D), (b, i) or None
         pad = ~keep.reshape(b * q, t)  # (b·q, t): True = padding (PyTorch's convention)
         for layer, self_attn in enumerate(self.text_layers):
             if image is not None:
                 # All q questions of an image attend to it as one text of q·t tokens.
-                x = self.cross_blocks[layer](x.reshape(b, q * t, d), image)  # (b, q·t, D)
+                x = self.cross_blocks[layer](
+                    x.reshape(b, q * t, d), image, image_keep
+                )  # (b, q·t, D)
             x = self_attn(x.reshape(b * q, t, d), src_key_padding_mask=pad)  # (b·q, t, D)
         x = x.reshape(b, q, t, d)
         w = keep.unsqueeze(-1).to(x.dtype)  # (b, q, t, 1)
