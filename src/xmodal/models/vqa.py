@@ -165,7 +165,6 @@ class ImageEncoder(nn.Module):
             _self_attention_layer(config, ImageSelfAttentionLayer)
             for _ in range(config.image_layers)
         )
-        self.num_heads = config.num_heads
         self.distance_slopes: nn.Parameter | None = None
         if config.distance_bias:
             # One learned slope per layer and head, spread from "nearest first" (negative) to
@@ -207,8 +206,8 @@ class ImageEncoder(nn.Module):
         return self.norm(x), keep
 
     def _distance_bias(self, layer: int, pad: Tensor | None) -> Tensor:
-        """Additive scores ``(b·h, i, i)``: slope · squared distance (+ ring · near field);
-        very negative on padded keys (finite: ``-inf`` gave NaN on the inference fast path)."""
+        """Additive scores ``(b·h, i, i)``: slope · squared distance (+ ring · near field), and
+        a very negative but finite value on padded keys (no row can become all ``-inf``)."""
         assert self.distance_slopes is not None
         bias = self.distance_slopes[layer, :, None, None] * self.squared_distances  # (h, i, i)
         if self.ring_weights is not None:
