@@ -234,8 +234,6 @@ def attend(
             scale=scale,
             enable_gqa=sdpa_gqa,
         )  # (b, k, g·t, d), or (b, h, t, d) with enable_gqa
-        if visible is not None:
-            context = context.masked_fill(~visible, 0.0)
         weights = None
     else:
         # Softmax in float32 at least: half precision is upcast, float64 keeps its precision.
@@ -251,13 +249,18 @@ def attend(
         scores = torch.matmul(qs * scale, ks.transpose(-2, -1)).to(softmax_dtype)  # (b, k, g·t, i)
         if mask is not None:
             scores = scores.masked_fill(~mask, torch.finfo(softmax_dtype).min)
+        # A visible row's masked entries come out exactly 0 (exp of finfo.min); an all-masked
+        # row comes out uniform. Returned weights zero it; without weights, the context row is
+        # zeroed below instead, which is cheaper than a second pass over the b·h·t·i scores.
         probs = torch.softmax(scores, dim=-1)
-        if mask is not None:
+        if mask is not None and need_weights:
             probs = probs.masked_fill(~mask, 0.0)  # all-masked rows: uniform -> zero
         probs = probs.to(q.dtype)
         dropped = F.dropout(probs, p=dropout_p, training=True) if dropout_p > 0 else probs
         context = torch.matmul(dropped, v)  # (b, k, g·t, d)
         weights = probs.reshape(b, h, t, i) if need_weights else None
+    if visible is not None and not need_weights:
+        context = context.masked_fill(~visible, 0.0)  # rows that see no image token
 
     # (b, k, g·t, d) -> (b, h, t, d); split-then-merge rather than reshape, which would guard on
     # the product's strides and fail torch.export with a dynamic text length
