@@ -149,11 +149,11 @@ MATH_TRAINING_MAX_SCORES = 1 << 24
 
 
 def _math_is_faster(q: Tensor, k: Tensor, v: Tensor, num_scores: int) -> bool:
-    """Whether the fused path should run the math (matmul, float32 softmax, matmul) instead.
+    """Whether the fused path should run the math (matmul, softmax, matmul) instead.
 
     Only for bf16 training on CPU: SDPA's CPU flash kernel has a slow bf16 backward, where
-    matmul + float32 softmax + matmul is faster forward+backward (``xmodal bench``; figures in
-    docs/benchmarks.md). It materialises the ``b·h·t·i`` scores, as training with the explicit
+    matmul + softmax (computed in float32) + matmul is faster forward+backward (``xmodal
+    bench``; figures in docs/benchmarks.md). It materialises the ``b·h·t·i`` scores, as training with the explicit
     path does anyway, so only up to :data:`MATH_TRAINING_MAX_SCORES` of them. Inference, float32
     and float16 (not measured) keep SDPA, whose memory grows with ``t + i``.
     """
@@ -201,7 +201,7 @@ def attend(
         context = q.new_zeros(b, h, t, d)
         return context, (q.new_zeros(b, h, t, 0) if need_weights else None)
 
-    # The math path instead of SDPA where it is faster: half precision training on CPU.
+    # The math path instead of SDPA where it is faster: bf16 training on CPU.
     explicit = need_weights or _math_is_faster(q, k, v, b * h * t * i)
 
     g = h // num_kv_heads
@@ -240,8 +240,8 @@ def attend(
         # fp16 scores would overflow past 65504, so its product is taken in float32 too; bf16
         # has float32's range and keeps its fast product. On CPU, bf16 goes into the softmax
         # as it is: the kernel computes in float32 and rounds once, so the forward is
-        # bit-identical to an upcast (checked in tests) without the two casts, which cost
-        # 10 of 48 ms forward+backward at b1 t256 i576 h16 (one thread).
+        # bit-identical to an upcast (checked in tests) without the two casts, which took
+        # 10.7 of 55.8 ms self CPU time forward+backward at b1 t256 i576 h16 (one thread).
         softmax_dtype = torch.promote_types(q.dtype, torch.float32)
         if q.dtype == torch.bfloat16 and q.device.type == "cpu":
             softmax_dtype = torch.bfloat16
