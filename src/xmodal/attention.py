@@ -153,9 +153,10 @@ def _math_is_faster(q: Tensor, k: Tensor, v: Tensor, num_scores: int) -> bool:
 
     Only for bf16 training on CPU: SDPA's CPU flash kernel has a slow bf16 backward, where
     matmul + softmax (computed in float32) + matmul is faster forward+backward (``xmodal
-    bench``; figures in docs/benchmarks.md). It materialises the ``b·h·t·i`` scores, as training with the explicit
-    path does anyway, so only up to :data:`MATH_TRAINING_MAX_SCORES` of them. Inference, float32
-    and float16 (not measured) keep SDPA, whose memory grows with ``t + i``.
+    bench``; figures in docs/benchmarks.md). It materialises the ``b·h·t·i`` scores, as
+    training with the explicit path does anyway, so only up to
+    :data:`MATH_TRAINING_MAX_SCORES` of them. Inference, float32 and float16 (not measured)
+    keep SDPA, whose memory grows with ``t + i``.
     """
     return (
         q.device.type == "cpu"
