@@ -278,6 +278,7 @@ def test_cpu_fused_gqa_route(
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     module = _attention(2, qk_norm=False)
+    module.absorb_projections = False  # the route into SDPA, not the absorbed path's (t = 1)
     mask = _mask(mask_kind, t=text_len)
     text, image = (
         torch.randn(B, text_len, D, dtype=torch.float64),

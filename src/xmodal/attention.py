@@ -30,7 +30,14 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from xmodal.masks import normalize_attention_mask
 
-__all__ = ["CrossModalAttention", "ImageKV", "attend"]
+__all__ = [
+    "ABSORB_MAX_COST_RATIO",
+    "CrossModalAttention",
+    "ImageKV",
+    "absorbed_is_cheaper",
+    "absorption_costs",
+    "attend",
+]
 
 
 @dataclass
@@ -143,6 +150,18 @@ def _fold_groups(q: Tensor, mask: Tensor | None, num_kv_heads: int) -> tuple[Ten
     return q, mask
 
 
+def _stacked(x: Tensor) -> Tensor:
+    """``(b, k, r, c) -> (b·k, r, c)``, row-major matrices: the operand layout ``bmm`` is fast on.
+
+    ``torch.matmul`` on the strided views the projections give (heads split off the feature
+    axis) is slow in bf16 on CPU: one thread, ``b1 h16 t256 i1601 d64``, the scores took
+    12.2 ms through ``matmul`` against 2.0 ms on contiguous operands (the copies included
+    here cost far less). Row-major ``(r, c)`` blocks, with ``k`` transposed as a view, are the
+    layout measured fast in both dtypes.
+    """
+    return x.flatten(0, 1).contiguous()
+
+
 # Largest b·h·t·i for which bf16 CPU training takes the math path (see _math_is_faster):
 # its float32 scores take 4 bytes each, 64 MiB at this size.
 MATH_TRAINING_MAX_SCORES = 1 << 24
@@ -175,6 +194,8 @@ def attend(
     *,
     dropout_p: float = 0.0,
     need_weights: bool = False,
+    scale: float | None = None,
+    force_math: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Scaled dot-product attention with xmodal's masking rules. The one attention core.
 
@@ -188,6 +209,10 @@ def attend(
             faster math path; see :func:`_math_is_faster`) and returns ``None`` weights; ``True``
             runs the explicit path (softmax in float32, or float64 for float64 inputs) and
             returns the probabilities.
+        scale: factor on ``q·k`` before the softmax (default ``1/sqrt(d)``).
+        force_math: run matmul, softmax, matmul (the explicit path's arithmetic) even without
+            weights; the absorbed path of :class:`CrossModalAttention` uses it, where the
+            scores are smaller than the keys and values it avoids.
 
     Returns:
         ``(context, weights)``: context ``(b, h, t, d)`` in ``q``'s dtype; weights
@@ -196,14 +221,14 @@ def attend(
     """
     b, h, t, d = q.shape
     num_kv_heads, i = k.shape[1], k.shape[2]
-    scale = 1.0 / math.sqrt(d)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
 
     if i == 0:  # nothing to see: every query gets the zero context (a static-shape branch)
         context = q.new_zeros(b, h, t, d)
         return context, (q.new_zeros(b, h, t, 0) if need_weights else None)
 
     # The math path instead of SDPA where it is faster: bf16 training on CPU.
-    explicit = need_weights or _math_is_faster(q, k, v, b * h * t * i)
+    explicit = need_weights or force_math or _math_is_faster(q, k, v, b * h * t * i)
 
     g = h // num_kv_heads
     # GQA: fold the query groups (see _fold_groups), except on the CPU's fused path when the
@@ -247,7 +272,9 @@ def attend(
         if q.dtype == torch.bfloat16 and q.device.type == "cpu":
             softmax_dtype = torch.bfloat16
         qs, ks = (q.float(), k.float()) if q.dtype == torch.float16 else (q, k)
-        scores = torch.matmul(qs * scale, ks.transpose(-2, -1)).to(softmax_dtype)  # (b, k, g·t, i)
+        qs = qs if scale == 1.0 else qs * scale
+        scores = torch.bmm(_stacked(qs), _stacked(ks).transpose(1, 2))  # (b·k, g·t, i)
+        scores = scores.view(q.shape[0], q.shape[1], q.shape[2], i).to(softmax_dtype)
         if mask is not None:
             scores = scores.masked_fill(~mask, torch.finfo(softmax_dtype).min)
         # A visible row's masked entries come out exactly 0 (exp of finfo.min); an all-masked
@@ -258,7 +285,8 @@ def attend(
             probs = probs.masked_fill(~mask, 0.0)  # all-masked rows: uniform -> zero
         probs = probs.to(q.dtype)
         dropped = F.dropout(probs, p=dropout_p, training=True) if dropout_p > 0 else probs
-        context = torch.matmul(dropped, v)  # (b, k, g·t, d)
+        context = torch.bmm(_stacked(dropped), _stacked(v))  # (b·k, g·t, d)
+        context = context.view(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
         weights = probs.reshape(b, h, t, i) if need_weights else None
     if visible is not None and not need_weights:
         context = context.masked_fill(~visible, 0.0)  # rows that see no image token
@@ -268,6 +296,83 @@ def attend(
     folded = h // context.shape[1]  # g if the groups were folded, else 1
     context = context.unflatten(2, (folded, t)).flatten(1, 2)
     return context, weights
+
+
+# The absorbed path runs while its FLOPs are at most this fraction of the projected path's, per
+# dtype it serves (see absorbed_is_cheaper). Measured on CPU, one thread, with
+# benchmarks/bench_absorbed.py (docs/benchmarks.md): in float32 it is faster up to ~0.75 and
+# even at 0.8; in bfloat16 its small per-head products (width d) run far below AMX speed while
+# the projections it replaces run near it, so it pays only up to ~0.3. float64 follows float32
+# (GEMM-bound alike). float16 is not served: scores of width E could overflow, and unmeasured.
+ABSORB_MAX_COST_RATIO: dict[torch.dtype, float] = {
+    torch.float32: 0.8,
+    torch.float64: 0.8,
+    torch.bfloat16: 0.3,
+}
+
+
+def absorption_costs(
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    image_dim: int,
+    text_len: int,
+    image_len: int,
+) -> tuple[int, int]:
+    """FLOPs per batch element of the projected and the absorbed path, ``(projected, absorbed)``.
+
+    The *projected* path (the usual one) computes keys and values for every image token, then
+    the two attention products at head width ``d``; the *absorbed* path (see
+    :meth:`CrossModalAttention._attend_absorbed`) maps each head's queries into image-feature
+    space and back, and takes the two products at width ``E``::
+
+        projected = 2·k·i·E·d  +  2·h·t·i·d        (K and V projections; q·k and p·v)
+        absorbed  = 2·h·t·d·E  +  2·h·t·i·E        (q·W_k and x̄·W_v per head; q̃·x and p·x)
+
+    The query and output projections are the same in both and left out.
+    """
+    h, k, d, e = num_heads, num_kv_heads, head_dim, image_dim
+    t, i = text_len, image_len
+    return 2 * k * i * e * d + 2 * h * t * i * d, 2 * h * t * d * e + 2 * h * t * i * e
+
+
+def absorbed_is_cheaper(
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    image_dim: int,
+    text_len: int,
+    image_len: int,
+    dtype: torch.dtype = torch.float32,
+) -> bool:
+    """Whether :class:`CrossModalAttention` should take the absorbed path at these sizes.
+
+    The absorbed path wins for short text: roughly ``h·t < k·d`` (``t < d`` without GQA), a
+    decoding step without a cache most of all. It is taken while its FLOPs
+    (:func:`absorption_costs`) are at most ``ABSORB_MAX_COST_RATIO[dtype]`` of the projected
+    path's (``False`` for a dtype not in that table), and while ``h·t <= k·d``: then its
+    ``h·t·i`` scores and probabilities together are no larger than the ``2·k·i·d`` keys and
+    values it does not compute, so its memory, like the projected path's, grows with
+    ``t + i`` and exceeds it by at most the small ``h·t·E`` query and mixed-feature tensors.
+    Symbolic sizes (``torch.export`` with dynamic shapes) that cannot be decided statically
+    answer ``False``.
+    """
+    projected, absorbed = absorption_costs(
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        image_dim=image_dim,
+        text_len=text_len,
+        image_len=image_len,
+    )
+    if dtype not in ABSORB_MAX_COST_RATIO:
+        return False
+    small = num_heads * text_len <= num_kv_heads * head_dim
+    return statically_known_true(small) and statically_known_true(
+        absorbed <= ABSORB_MAX_COST_RATIO[dtype] * projected
+    )
 
 
 class CrossModalAttention(nn.Module):
@@ -293,6 +398,9 @@ class CrossModalAttention(nn.Module):
             Vision's cross-attention does).
         dropout: dropout probability on the attention weights, applied only in training.
         bias: whether the four projections have biases.
+        absorb_projections: allow the *absorbed* path (see :meth:`forward`) where it costs less
+            arithmetic than projecting keys and values: short text, no weights asked for. It
+            gives the same result to rounding; ``False`` always projects keys and values.
 
     Shapes:
         text_features ``(b, t, D)``, image_features ``(b, i, E)``, output ``(b, t, D)``,
@@ -310,6 +418,7 @@ class CrossModalAttention(nn.Module):
         qk_norm: bool = False,
         dropout: float = 0.1,
         bias: bool = True,
+        absorb_projections: bool = True,
     ) -> None:
         super().__init__()
         _check_positive_int("embed_dim", embed_dim)
@@ -338,6 +447,11 @@ class CrossModalAttention(nn.Module):
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
+        if not isinstance(absorb_projections, bool):
+            raise TypeError(
+                f"absorb_projections must be a bool, got {type(absorb_projections).__name__}"
+            )
+        self.absorb_projections = absorb_projections
 
         self.text_query = nn.Linear(embed_dim, num_heads * head_dim, bias=bias)
         self.image_key = nn.Linear(image_dim, num_kv_heads * head_dim, bias=bias)
@@ -413,19 +527,18 @@ class CrossModalAttention(nn.Module):
         if image_kv is None:
             if image_features is None:
                 raise ValueError("pass either image_features or image_kv, got neither")
-            if (
-                isinstance(image_features, Tensor)
-                and image_features.dim() == 3
-                and image_features.shape[0] != b
-            ):
+            _check_features("image_features", image_features, self.image_dim, self.image_key.weight)
+            if image_features.shape[0] != b:
                 raise ValueError(
                     f"text_features and image_features must have the same batch size, got "
                     f"shapes {tuple(text_features.shape)} and {tuple(image_features.shape)}"
                 )
-            image_kv = self.encode_image(image_features)
+            image_len = image_features.shape[1]
         elif image_features is not None:
             raise ValueError("pass either image_features or image_kv, not both")
-        self._check_image_kv(image_kv, b, text_features)
+        else:
+            self._check_image_kv(image_kv, b, text_features)
+            image_len = image_kv.image_len
 
         q = self.text_query(text_features).view(b, t, self.num_heads, self.head_dim)
         q = q.transpose(1, 2)  # (b, h, t, d)
@@ -436,15 +549,101 @@ class CrossModalAttention(nn.Module):
             batch_size=b,
             num_heads=self.num_heads,
             text_len=t,
-            image_len=image_kv.image_len,
+            image_len=image_len,
             device=text_features.device,
         )  # (b|1, h|1, t|1, i) bool
         dropout_p = self.dropout.p if self.training else 0.0
-        context, weights = attend(
-            q, image_kv.key, image_kv.value, mask, dropout_p=dropout_p, need_weights=need_weights
-        )  # (b, h, t, d), (b, h, t, i) | None
+        if image_features is not None and self._absorbs(image_features, t, need_weights):
+            context = self._attend_absorbed(q, image_features, mask, dropout_p)  # (b, h, t, d)
+            weights = None
+        else:
+            if image_kv is None:
+                assert image_features is not None  # checked above
+                image_kv = self.encode_image(image_features)
+            context, weights = attend(
+                q,
+                image_kv.key,
+                image_kv.value,
+                mask,
+                dropout_p=dropout_p,
+                need_weights=need_weights,
+            )  # (b, h, t, d), (b, h, t, i) | None
         context = context.transpose(1, 2).reshape(b, t, self.inner_dim)  # (b, t, h·d)
         return self.output_proj(context), weights
+
+    def _absorbs(self, image_features: Tensor, text_len: int, need_weights: bool) -> bool:
+        """Whether :meth:`forward` takes the absorbed path (see :func:`absorbed_is_cheaper`).
+
+        Only where it is exact and measured: no weights asked for, image features rather than
+        a cache, no key norm (it acts on projected keys), plain ``nn.Linear`` key and value
+        projections without hooks (a LoRA, quantised or hooked projection must run as itself),
+        float32/bfloat16/float64 on CPU outside autocast.
+        """
+        if need_weights or not self.absorb_projections or self.k_norm is not None:
+            return False
+        x = image_features
+        if x.device.type != "cpu" or torch.is_autocast_enabled(x.device.type):
+            return False
+        if not (_plain_linear(self.image_key) and _plain_linear(self.image_value)):
+            return False
+        return absorbed_is_cheaper(
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            image_dim=self.image_dim,
+            text_len=text_len,
+            image_len=x.shape[1],
+            dtype=x.dtype,
+        )
+
+    def _attend_absorbed(
+        self, q: Tensor, image_features: Tensor, mask: Tensor | None, dropout_p: float
+    ) -> Tensor:
+        """Attention with the key and value projections folded into the query and output side.
+
+        For one head, ``softmax(q·(W_k x + b_k)) · (W_v x + b_v)`` equals
+        ``softmax((q W_k)·x) · x  W_v^T + b_v``: ``q·b_k`` is the same for every image token of
+        a row, so the softmax cancels it, and the probabilities of a row sum to 1, so ``b_v``
+        comes out whole. Each head therefore attends to the raw image features with the query
+        ``q̃ = q W_k`` (width ``E``), and ``W_v`` is applied once to the mixed features ``x̄``.
+        No keys or values are computed; a row that sees no image token keeps a zero context.
+
+        Args:
+            q: ``(b, h, t, d)`` queries (after the optional query norm).
+            image_features: ``(b, i, E)``.
+            mask: normalised keep-mask ``(b|1, h|1, t|1, i)`` or ``None``.
+
+        Returns:
+            context ``(b, h, t, d)``, as :func:`attend` gives it after the projections.
+        """
+        b, h, t, d = q.shape
+        k, e = self.num_kv_heads, self.image_dim
+        g = h // k  # query heads per key/value head: their queries share W_k of that head
+        w_k = self.image_key.weight.view(k, d, e)
+        w_v = self.image_value.weight.view(k, d, e)
+
+        q = (q.transpose(0, 1) * d**-0.5).reshape(k, g * b * t, d)  # (k, g·b·t, d) = (h, b, t, d)
+        q_image = torch.bmm(q, w_k).view(h, b, t, e).transpose(0, 1)  # (b, h, t, E)
+        x = image_features.unsqueeze(1)  # (b, 1, i, E): one "key/value head" for all h heads
+        mixed, _ = attend(
+            q_image, x, x, mask, dropout_p=dropout_p, scale=1.0, force_math=True
+        )  # (b, h, t, E): sum_i p_i x_i, zero for rows that see nothing
+        mixed = mixed.transpose(0, 1).reshape(k, g * b * t, e)  # (k, g·b·t, E)
+
+        bias = None if self.image_value.bias is None else self.image_value.bias.view(k, 1, d)
+        if self.image_key.bias is not None and torch.is_grad_enabled():
+            # The softmax cancels the key bias: its gradient is exactly zero. Give autograd that
+            # zero rather than no gradient at all (DDP expects one for every parameter used).
+            anchor = 0.0 * self.image_key.bias.sum()
+            bias = anchor if bias is None else bias + anchor
+        if bias is None:
+            context = torch.bmm(mixed, w_v.transpose(1, 2))  # (k, g·b·t, d)
+        else:
+            if mask is not None:  # a row that sees nothing gets no value bias either
+                live = mask.any(dim=-1, keepdim=True).transpose(0, 1)  # (h|1, b|1, t|1, 1)
+                bias = bias * live.expand(h, b, t, 1).reshape(k, g * b * t, 1)
+            context = torch.baddbmm(bias, mixed, w_v.transpose(1, 2))  # (k, g·b·t, d)
+        return context.view(h, b, t, d).transpose(0, 1)  # (b, h, t, d)
 
     def _check_image_kv(self, kv: ImageKV, batch_size: int, text: Tensor) -> None:
         if not isinstance(kv, ImageKV):
@@ -465,6 +664,18 @@ class CrossModalAttention(nn.Module):
                     f"image_kv has dtype {part.dtype}, but text_features has dtype "
                     f"{text.dtype}; encode the image with the same module and dtype"
                 )
+
+
+def _plain_linear(m: nn.Module) -> bool:
+    """``m`` is exactly ``nn.Linear`` and no forward hook would see it run."""
+    module_hooks = nn.modules.module
+    return (
+        type(m) is nn.Linear
+        and not m._forward_hooks
+        and not m._forward_pre_hooks
+        and not module_hooks._global_forward_hooks
+        and not module_hooks._global_forward_pre_hooks
+    )
 
 
 def _check_positive_int(name: str, value: object) -> None:
