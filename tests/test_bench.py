@@ -589,3 +589,20 @@ def test_bias_free_peers_are_compared_with_xmodal_without_biases() -> None:
     checks = {c["target"]: c for c in report.check_targets({"rows": rows})}
     peers = checks["issue 8: xmodal at least as fast as every peer (within noise)"]
     assert peers["detail"] == "slower than hf-idefics-sdpa (xmodal-nobias)"
+
+
+@pytest.mark.parametrize(
+    ("text_len", "dtype", "runs"),
+    [(20, "fp32", True), (20, "bf16", False), (1, "bf16", True), (256, "fp32", False)],
+)
+def test_xmodal_projected_runs_only_where_xmodal_absorbs(
+    text_len: int, dtype: str, runs: bool
+) -> None:
+    # At the notebook's shape the FLOP ratio is 0.67: absorbed in fp32 (<= 0.8), projected in
+    # bf16 (> 0.3); then xmodal-projected would time the same path twice, and is skipped.
+    shape = Shape(4, text_len, 196, 256, 256, 8, 32)
+    impl = {i.name: i for i in impls.IMPLS}["xmodal-projected"]
+    reason = impl.skip_reason(Cell(shape, dtype, "infer", False), torch.device("cpu"))
+    assert (reason is None) is runs
+    if not runs:
+        assert reason == "xmodal takes the projected path here"

@@ -135,7 +135,7 @@ def _params(m: nn.Module) -> list[Tensor]:
 # --- module family ----------------------------------------------------------------------------
 
 
-def _xmodal(need_weights: bool, bias: bool = True) -> Builder:
+def _xmodal(need_weights: bool, bias: bool = True, absorb: bool = True) -> Builder:
     def build(cell: Cell, x: Inputs, device: torch.device) -> Prepared:
         from xmodal.attention import CrossModalAttention
 
@@ -147,6 +147,7 @@ def _xmodal(need_weights: bool, bias: bool = True) -> Builder:
             head_dim=s.head_dim,
             dropout=0.0,
             bias=bias,
+            absorb_projections=absorb,
         )
         m = _module(m, cell, device)
 
@@ -156,6 +157,25 @@ def _xmodal(need_weights: bool, bias: bool = True) -> Builder:
         return Prepared(fn, _params(m), module=m)
 
     return build
+
+
+def _absorbs(cell: Cell, device: torch.device) -> str | None:
+    """``xmodal-projected`` runs only where ``xmodal`` itself takes the absorbed path."""
+    from xmodal.attention import absorbed_is_cheaper
+
+    s = cell.shape
+    if device.type != "cpu":
+        return "xmodal takes the projected path here (the absorbed path is CPU-only)"
+    absorbs = absorbed_is_cheaper(
+        num_heads=s.num_heads,
+        num_kv_heads=s.num_heads,
+        head_dim=s.head_dim,
+        image_dim=s.image_dim,
+        text_len=s.text_len,
+        image_len=s.image_len,
+        dtype=cell.torch_dtype,
+    )
+    return None if absorbs else "xmodal takes the projected path here"
 
 
 def _one_width(cell: Cell, device: torch.device) -> str | None:
@@ -367,6 +387,14 @@ IMPLS: tuple[Impl, ...] = (
         "CrossModalAttention(bias=False), need_weights=False: like for like with bias-free peers",
         _xmodal(False, bias=False),
         bias=False,
+    ),
+    Impl(
+        "xmodal-projected",
+        "module",
+        "CrossModalAttention(absorb_projections=False), need_weights=False: where xmodal "
+        "absorbs the K/V projections, the path it would take otherwise",
+        _xmodal(False, absorb=False),
+        check=_absorbs,
     ),
     Impl(
         "xmodal-weights",
