@@ -286,3 +286,16 @@ def test_absorbed_is_cheaper_keeps_memory_bounded() -> None:
     assert not absorbed_is_cheaper(**sizes, text_len=65)
     assert not absorbed_is_cheaper(**sizes, text_len=1, dtype=torch.float16)
     assert set(ABSORB_MAX_COST_RATIO) == {torch.float32, torch.float64, torch.bfloat16}
+
+
+@pytest.mark.slow
+def test_absorbed_compiles_with_inductor(absorbed_runs: list[int]) -> None:
+    torch._dynamo.reset()
+    module = make_module(16, 4, E=8, k=2)
+    text, image = torch.randn(2, 1, 16), torch.randn(2, 5, 8)
+    mask = torch.rand(2, 5) < 0.6
+    compiled = torch.compile(module, fullgraph=True)
+    got, _ = compiled(text, image, mask, need_weights=False)
+    want, _ = module(text, image, mask, need_weights=False)
+    assert absorbed_runs
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # float32; inductor reorders sums

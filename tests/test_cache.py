@@ -119,6 +119,34 @@ def test_attention_decode_with_cache_equals_full_forward(
 
 
 @pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("num_kv_heads", KV_HEADS[:2])  # MQA here: FLOP ratio 0.804 > 0.8
+def test_uncached_step_is_absorbed_and_equals_the_cached_step(
+    monkeypatch: pytest.MonkeyPatch, num_kv_heads: int, mask_kind: str
+) -> None:
+    # Without a cache, a one-token step on CPU takes the absorbed path (no keys or values:
+    # docs/benchmarks.md); it must give the cached step's output, token by token.
+    absorbed: list[int] = []
+    original = CrossModalAttention._attend_absorbed
+
+    def counted(self: CrossModalAttention, *args: Any, **kwargs: Any) -> Tensor:
+        absorbed.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(CrossModalAttention, "_attend_absorbed", counted)
+    module = _attention(num_kv_heads, qk_norm=False)
+    text = torch.randn(B, T, D, dtype=torch.float64)
+    image = torch.randn(B, N, E, dtype=torch.float64)
+    mask = _mask(mask_kind)
+    kv = module.encode_image(image)
+    for s in range(T):
+        token, step_mask = text[:, s : s + 1], _step_mask(mask, s)
+        uncached, _ = module(token, image, step_mask, need_weights=False)
+        cached, _ = module(token, None, step_mask, need_weights=False, image_kv=kv)
+        torch.testing.assert_close(uncached, cached, **F64)
+    assert len(absorbed) == T
+
+
+@pytest.mark.parametrize("mask_kind", MASKS)
 @pytest.mark.parametrize("qk_norm", [False, True], ids=["plain", "qk_norm"])
 @pytest.mark.parametrize("num_kv_heads", KV_HEADS)
 def test_block_decode_with_cache_equals_full_forward(
