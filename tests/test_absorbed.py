@@ -223,7 +223,16 @@ class _LoRALinear(nn.Linear):
 
 @pytest.mark.parametrize(
     "case",
-    ["need_weights", "image_kv", "qk_norm", "switched_off", "hooked", "subclassed", "autocast"],
+    [
+        "need_weights",
+        "image_kv",
+        "qk_norm",
+        "switched_off",
+        "hooked",
+        "global_hook",
+        "subclassed",
+        "autocast",
+    ],
 )
 def test_absorbed_path_steps_aside(monkeypatch: pytest.MonkeyPatch, case: str) -> None:
     # Each of these must run the projected path even where the rule says absorbing is cheaper:
@@ -248,10 +257,18 @@ def test_absorbed_path_steps_aside(monkeypatch: pytest.MonkeyPatch, case: str) -
     elif case == "autocast":
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out, _ = module(text, image, **kwargs)
+    elif case == "global_hook":  # e.g. a profiler or FLOP counter hooking every module
+        handle = nn.modules.module.register_module_forward_hook(
+            lambda m, a, out: seen.append(1) if m is module.image_value else None
+        )
+        try:
+            out, _ = module(text, image, **kwargs)
+        finally:
+            handle.remove()
     else:
         out, _ = module(text, image, **kwargs)
     assert calls == []
-    if case == "hooked":
+    if case in ("hooked", "global_hook"):
         assert seen == [1]
     if case == "subclassed":  # the adapter's doubling reached the output
         plain = CrossModalAttention(256, 8, dropout=0.0).eval()
@@ -299,3 +316,50 @@ def test_absorbed_compiles_with_inductor(absorbed_runs: list[int]) -> None:
     want, _ = module(text, image, mask, need_weights=False)
     assert absorbed_runs
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # float32; inductor reorders sums
+
+
+@pytest.mark.parametrize(
+    ("case", "want"),
+    [
+        ("weights", "explicit"),
+        ("short", "absorbed"),
+        ("long", "sdpa"),
+        ("cache", "sdpa"),
+        ("bf16-training", "math"),
+        ("bf16-inference", "sdpa"),
+    ],
+)
+def test_which_path_names_what_forward_runs(
+    monkeypatch: pytest.MonkeyPatch, case: str, want: str
+) -> None:
+    # The answer must match what forward then does: the absorbed path, SDPA, or neither.
+    absorbed = _spy(monkeypatch)
+    sdpa_calls: list[int] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counted_sdpa(*args: Any, **kwargs: Any) -> Tensor:
+        sdpa_calls.append(1)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counted_sdpa)
+    dtype = torch.bfloat16 if case.startswith("bf16") else torch.float32
+    module = CrossModalAttention(256, 8, dropout=0.0).to(dtype)
+    module.train(case == "bf16-training")
+    t = 64 if case in ("long", "bf16-training", "bf16-inference") else 1
+    text, image = torch.randn(2, t, 256, dtype=dtype), torch.randn(2, 49, 256, dtype=dtype)
+    kwargs: dict[str, Any] = {"need_weights": case == "weights"}
+    if case == "cache":
+        kwargs["image_kv"] = module.encode_image(image)
+        image = None  # type: ignore[assignment]
+    grad = torch.enable_grad() if case == "bf16-training" else torch.no_grad()
+    with grad:
+        assert module.which_path(text, image, **kwargs) == want
+        module(text, image, **kwargs)
+    assert bool(absorbed) is (want == "absorbed")
+    assert bool(sdpa_calls) is (want == "sdpa")
+
+
+def test_which_path_needs_image_features_or_a_cache() -> None:
+    module = CrossModalAttention(16, 4)
+    with pytest.raises(ValueError, match="pass either image_features or image_kv, got neither"):
+        module.which_path(torch.randn(1, 2, 16), need_weights=False)

@@ -197,21 +197,20 @@ def _stacked(x: Tensor) -> Tensor:
 MATH_TRAINING_MAX_SCORES = 1 << 24
 
 
-def _math_is_faster(q: Tensor, k: Tensor, v: Tensor, num_scores: int) -> bool:
+def _math_is_faster(device: torch.device, dtype: torch.dtype, grad: bool, num_scores: int) -> bool:
     """Whether the fused path should run the math (matmul, softmax, matmul) instead.
 
-    Only for bf16 training on CPU: SDPA's CPU flash kernel has a slow bf16 backward, where
-    matmul + softmax (computed in float32) + matmul is faster forward+backward (``xmodal
-    bench``; figures in docs/benchmarks.md). It materialises the ``b·h·t·i`` scores, as
-    training with the explicit path does anyway, so only up to
+    Only for bf16 training on CPU (``grad``: autograd will need a backward): SDPA's CPU flash
+    kernel has a slow bf16 backward, where matmul + softmax (computed in float32) + matmul is
+    faster forward+backward (``xmodal bench``; figures in docs/benchmarks.md). It materialises
+    the ``b·h·t·i`` scores, as training with the explicit path does anyway, so only up to
     :data:`MATH_TRAINING_MAX_SCORES` of them. Inference, float32 and float16 (not measured)
     keep SDPA, whose memory grows with ``t + i``.
     """
     return (
-        q.device.type == "cpu"
-        and q.dtype == torch.bfloat16
-        and torch.is_grad_enabled()
-        and (q.requires_grad or k.requires_grad or v.requires_grad)
+        device.type == "cpu"
+        and dtype == torch.bfloat16
+        and grad
         and num_scores <= MATH_TRAINING_MAX_SCORES
     )
 
@@ -258,7 +257,8 @@ def attend(
         return context, (q.new_zeros(b, h, t, 0) if need_weights else None)
 
     # The math path instead of SDPA where it is faster: bf16 training on CPU.
-    explicit = need_weights or force_math or _math_is_faster(q, k, v, b * h * t * i)
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    explicit = need_weights or force_math or _math_is_faster(q.device, q.dtype, grad, b * h * t * i)
 
     g = h // num_kv_heads
     # GQA: fold the query groups (see _fold_groups), except on the CPU's fused path when the
@@ -600,6 +600,44 @@ class CrossModalAttention(nn.Module):
             )  # (b, h, t, d), (b, h, t, i) | None
         context = context.transpose(1, 2).reshape(b, t, self.inner_dim)  # (b, t, h·d)
         return self.output_proj(context), weights
+
+    def which_path(
+        self,
+        text_features: Tensor,
+        image_features: Tensor | None = None,
+        *,
+        need_weights: bool = True,
+        image_kv: ImageKV | None = None,
+    ) -> str:
+        """Which computation :meth:`forward` would run on these inputs, without running it.
+
+        Returns:
+            ``"explicit"`` (``need_weights=True``: scores, float32 softmax, weights returned),
+            ``"absorbed"`` (short text: no keys or values computed; see
+            :meth:`_attend_absorbed`), ``"math"`` (bf16 training on CPU: matmul, softmax,
+            matmul, faster there than SDPA's backward) or ``"sdpa"``
+            (``scaled_dot_product_attention``).
+        """
+        if need_weights:
+            return "explicit"
+        t = text_features.shape[1]
+        if image_kv is None:
+            if image_features is None:
+                raise ValueError("pass either image_features or image_kv, got neither")
+            if self._absorbs(image_features, t, need_weights):
+                return "absorbed"
+            image_len, kv_grad = image_features.shape[1], image_features.requires_grad
+        else:
+            image_len, kv_grad = image_kv.image_len, image_kv.key.requires_grad
+        grad = torch.is_grad_enabled() and (
+            text_features.requires_grad
+            or kv_grad
+            or any(p.requires_grad for p in self.parameters())
+        )
+        num_scores = text_features.shape[0] * self.num_heads * t * image_len
+        if _math_is_faster(text_features.device, text_features.dtype, grad, num_scores):
+            return "math"
+        return "sdpa"
 
     def _absorbs(self, image_features: Tensor, text_len: int, need_weights: bool) -> bool:
         """Whether :meth:`forward` takes the absorbed path (see :func:`absorbed_is_cheaper`).
