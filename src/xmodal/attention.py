@@ -512,6 +512,10 @@ class CrossModalAttention(nn.Module):
             an :class:`ImageKV` with key and value ``(b, k, i, d)``.
         """
         _check_features("image_features", image_features, self.image_dim, self.image_key.weight)
+        return self._project_kv(image_features)
+
+    def _project_kv(self, image_features: Tensor) -> ImageKV:
+        """:meth:`encode_image` without the input check (``forward`` has made it already)."""
         b, i, _ = image_features.shape
         key = self.image_key(image_features).view(b, i, self.num_kv_heads, self.head_dim)
         value = self.image_value(image_features).view(b, i, self.num_kv_heads, self.head_dim)
@@ -589,7 +593,7 @@ class CrossModalAttention(nn.Module):
         else:
             if image_kv is None:
                 assert image_features is not None  # checked above
-                image_kv = self.encode_image(image_features)
+                image_kv = self._project_kv(image_features)
             context, weights = attend(
                 q,
                 image_kv.key,
