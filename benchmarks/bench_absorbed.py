@@ -33,6 +33,7 @@ import torch
 
 from xmodal import CrossModalAttention
 from xmodal.attention import ABSORB_MAX_COST_RATIO, absorbed_is_cheaper, absorption_costs
+from xmodal.bench.measure import hold_freed_memory
 from xmodal.bench.notebook import NotebookCrossModalAttention
 
 
@@ -169,8 +170,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    malloc = hold_freed_memory()
     print(
-        f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; "
+        f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; malloc {malloc}; "
         f"{platform.processor() or platform.machine()} ({os.cpu_count()} logical CPUs); "
         f"torch {torch.__version__}; {torch.get_num_threads()} thread(s); "
         f"load {os.getloadavg()}; ABSORB_MAX_COST_RATIO "

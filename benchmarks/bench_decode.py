@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from xmodal import CrossModalAttention, GatedCrossAttentionBlock
-from xmodal.bench.measure import _sync
+from xmodal.bench.measure import _sync, hold_freed_memory
 from xmodal.bench.runner import machine_info
 from xmodal.checkpoint import atomic_write_text
 
@@ -264,10 +264,13 @@ def format_rows(rows: list[dict[str, object]]) -> str:
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
-    """``--device``, ``--threads`` and ``--json``: shared with ``bench_flex.py``."""
+    """``--device``, ``--threads``, ``--json`` and ``--system-malloc``, shared with bench_flex."""
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None, help="write machine info and rows here")
+    parser.add_argument(
+        "--system-malloc", action="store_true", help="leave glibc malloc's defaults"
+    )
 
 
 def run_script(
@@ -279,9 +282,10 @@ def run_script(
     if args.threads:
         torch.set_num_threads(args.threads)
     info = machine(args.device)
+    info["malloc"] = "system default" if args.system_malloc else hold_freed_memory()
     print(
         f"# {info['cpu']} | torch {info['torch']} | {info['threads']} threads | "
-        f"device {args.device} | load {info.get('load_average_start')}"
+        f"device {args.device} | load {info.get('load_average_start')} | malloc {info['malloc']}"
     )
     result = rows()
     print(fmt(result))

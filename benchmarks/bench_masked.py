@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 
 from xmodal import CrossModalAttention
+from xmodal.bench.measure import hold_freed_memory
 
 B, T, N, D, H = 4, 20, 196, 256, 8
 
@@ -62,7 +63,11 @@ def measure(dtype: torch.dtype) -> dict[str, float]:
 
 def main() -> None:
     torch.set_num_threads(1)
-    print(f"{platform.processor() or platform.machine()}; torch {torch.__version__}; 1 thread")
+    malloc = hold_freed_memory()
+    print(
+        f"{platform.processor() or platform.machine()}; torch {torch.__version__}; 1 thread; "
+        f"malloc {malloc}"
+    )
     for dtype in (torch.float32, torch.bfloat16):
         times = measure(dtype)
         print(f"{str(dtype)[6:]:9}" + "  ".join(f"{k} {v:.3f} ms" for k, v in times.items()))

@@ -10,6 +10,7 @@ JSON/table/Markdown shape, the memory method, skipping of missing peers, and the
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -48,6 +49,7 @@ def fast_config(**overrides: object) -> runner.BenchConfig:
         memory=False,
         gemm_n=32,
         decode=False,
+        hold_memory=False,  # process-wide: tested in a child (test_hold_freed_memory_...)
     )
     values.update(overrides)
     return runner.BenchConfig(**values)  # type: ignore[arg-type]
@@ -355,6 +357,46 @@ def test_cell_round_trips_through_json() -> None:
     assert measure.cell_from_dict(json.loads(json.dumps(measure.cell_to_dict(cell)))) == cell
 
 
+_FAULTS_SCRIPT = """
+import resource, sys, torch
+from xmodal.bench.measure import hold_freed_memory
+said = hold_freed_memory() if sys.argv[1] == "hold" else "-"
+def churn():  # four 1 MiB blocks at the top of the heap, freed together, then asked for again
+    for _ in range(50):
+        blocks = [torch.ones(2**18) for _ in range(4)]
+        del blocks
+churn()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+churn()
+print(said, "|", resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
+def test_hold_freed_memory_stops_page_faults_between_calls() -> None:
+    def faults(mode: str) -> tuple[str, int]:
+        out = subprocess.run(
+            [sys.executable, "-c", _FAULTS_SCRIPT, mode], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        said, _, count = out.rpartition(" | ")
+        return said, int(count)
+
+    said, held = faults("hold")
+    assert said == "glibc, freed memory held (trim threshold 1 GiB, mmap threshold 32 MiB)"
+    # By default glibc hands the freed 4 MiB back to the kernel (it exceeds the trim threshold,
+    # twice the largest block seen) and faults it in again: 1024 pages a round. Held: none.
+    _, default = faults("default")
+    assert default > 50 * 512, default
+    assert held < 50, held
+
+
+def test_system_malloc_flag_reaches_the_config() -> None:
+    parser = argparse.ArgumentParser()
+    cli_bench.add_arguments(parser)
+    assert cli_bench.config_from_args(parser.parse_args([])).hold_memory
+    assert not cli_bench.config_from_args(parser.parse_args(["--system-malloc"])).hold_memory
+
+
 @pytest.mark.slow
 def test_memory_child_process_reports_bytes_per_implementation() -> None:
     cell = tiny_cell(image_len=64)
@@ -378,6 +420,7 @@ def test_run_returns_meta_and_one_row_per_cell_and_implementation(
     assert isinstance(meta, dict)
     for key in ("date_utc", "cpu", "torch", "threads", "interop_threads", "gemm_gflops"):
         assert key in meta
+    assert meta["malloc"] == "system default"
     assert meta["torch"] == torch.__version__
     assert set(meta["gemm_gflops"]) == {"fp32", "bf16"}
     rows = smoke_result["rows"]

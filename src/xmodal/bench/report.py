@@ -61,6 +61,8 @@ def format_header(result: dict[str, Any]) -> str:
         f" per cell) after {m['warmup']} warm-up call(s) and a calibration call,"
         f" samples of >= {m['min_sample_s'] * 1e3:g} ms"
     )
+    if "malloc" in m:
+        lines.append(f"malloc: {m['malloc']}")
     gemm = ", ".join(
         f"{d} {g['reference']:.0f} GFLOP/s (start {g['start']:.0f}, end {g['end']:.0f})"
         for d, g in m["gemm_gflops"].items()

@@ -36,6 +36,7 @@ from xmodal.bench.measure import (
     Step,
     cell_to_dict,
     gemm_gflops,
+    hold_freed_memory,
     make_step,
     memory_in_subprocess,
     peak_extra_memory,
@@ -68,6 +69,7 @@ class BenchConfig:
     gemm_n: int = 1024  # square GEMM size of the throughput reference
     decode: bool = True  # include benchmarks/bench_decode.py's results when it exists
     quick: bool = True  # passed on to bench_decode.py
+    hold_memory: bool = True  # keep glibc malloc from trimming the heap (see hold_freed_memory)
 
 
 def _cpu_model() -> str:
@@ -148,6 +150,7 @@ def _run_decode(config: BenchConfig, threads: int | None = None) -> dict[str, ob
         cmd += ["--quick"] if config.quick else []
         cmd += ["--device", config.device] if config.device != "cpu" else []
         cmd += ["--threads", str(threads)] if threads else []
+        cmd += [] if config.hold_memory else ["--system-malloc"]
         logger.info("decode: %s", " ".join(cmd))
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
@@ -322,6 +325,7 @@ def run(
     impls = select_impls(config.impls)
     meta = machine_info(device)
     meta.update(preset=config.preset, rounds=config.rounds, warmup=config.warmup)
+    meta["malloc"] = hold_freed_memory() if config.hold_memory else "system default"
     meta["budget_s"] = config.budget_s
     meta["min_sample_s"] = config.min_sample_s
     dtypes = sorted({c.dtype for c in cells})

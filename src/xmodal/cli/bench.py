@@ -71,6 +71,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-sample-ms", type=float, help="each timing sample lasts at least this")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--no-decode", action="store_true", help="do not run benchmarks/bench_decode.py")
+    p.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="leave glibc malloc's defaults (default: hold freed memory; docs/benchmarks.md)",
+    )
     p.add_argument("--json", type=Path, metavar="PATH", help="write every figure as JSON")
     p.add_argument("--plot", type=Path, metavar="PATH", help="write a PNG (needs matplotlib)")
     p.add_argument("--markdown", type=Path, metavar="PATH", help="write the tables as Markdown")
@@ -113,6 +118,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         gemm_n=gemm_n,
         decode=not args.no_decode,
         quick=preset == "quick",
+        hold_memory=not args.system_malloc,
     )
 
 
