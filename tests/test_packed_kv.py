@@ -1,0 +1,238 @@
+"""The key and value projections as one GEMM in inference (``CrossModalAttention._project_kv``).
+
+Legend: ``b`` batch, ``t`` text tokens, ``i`` image tokens, ``h`` query heads, ``k`` key/value
+heads, ``d`` head width, ``D`` text width, ``E`` image width.
+
+``image_key`` and ``image_value`` stay two parameters each (weight, bias) with their own
+``state_dict`` names; only their memory is joined, and inference reads the pair as one stacked
+``(2·k·d, E)`` weight. These tests check that the pair stays joined through the conversions a
+module goes through, that the stacked product gives the reference answer, and that every case
+where it must not be used (gradients, hooks, compile, parameters replaced) falls back to two
+products and stays correct.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import safetensors.torch
+import torch
+from reference.naive import reference_attention
+from test_attention import CONFIGS, MASKS, make_module
+from torch import Tensor, nn
+
+from xmodal import CrossModalAttention
+from xmodal.attention import _rows_of_one_tensor
+
+
+def joined(module: CrossModalAttention) -> bool:
+    """Weights (and biases, when there are any) of the key and value projections are one tensor."""
+    key, value = module.image_key, module.image_value
+    if _rows_of_one_tensor(key.weight, value.weight) is None:
+        return False
+    return key.bias is None or _rows_of_one_tensor(key.bias, value.bias) is not None
+
+
+def kv_share_storage(module: CrossModalAttention, image: Tensor) -> bool:
+    """Whether ``encode_image`` makes keys and values with one product.
+
+    Its values are then a view of that product, and so are its keys unless a key norm made new
+    ones: the product's width is ``2·k·d``.
+    """
+    value = module.encode_image(image).value  # (b, k, i, d)
+    return value.untyped_storage().nbytes() == 2 * value.numel() * value.element_size()
+
+
+# --------------------------------------------------------------------------------------------
+# The pair stays joined
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_constructed_modules_are_joined_and_keep_their_parameters(bias: bool) -> None:
+    module = CrossModalAttention(16, 4, image_dim=24, num_kv_heads=2, bias=bias)
+    assert joined(module)
+    names = [n for n, _ in module.named_parameters()]
+    assert "image_key.weight" in names
+    assert "image_value.weight" in names
+    assert module.image_key.weight.shape == module.image_value.weight.shape == (8, 24)
+    assert isinstance(module.image_key.weight, nn.Parameter)
+    assert module.state_dict()["image_value.weight"].shape == (8, 24)
+
+
+@pytest.mark.parametrize(
+    ("convert", "lossless"),
+    [
+        (lambda m: m.to(torch.bfloat16), False),
+        (lambda m: m.double(), True),
+        (lambda m: m.half().float(), False),
+        (lambda m: m.to(torch.device("meta")).to_empty(device="cpu"), False),
+        (lambda m: m.requires_grad_(False), True),
+    ],
+    ids=["to-bf16", "double", "half-float", "meta-to-empty", "requires_grad_"],
+)
+def test_conversions_keep_the_pair_joined(convert, lossless: bool) -> None:  # type: ignore[no-untyped-def]
+    module = CrossModalAttention(16, 4)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    module = convert(module)
+    assert joined(module)
+    if lossless:
+        for name, value in module.state_dict().items():
+            assert torch.equal(value.double(), before[name].double()), name
+
+
+def test_load_state_dict_and_optimizer_steps_keep_the_pair_joined() -> None:
+    module = CrossModalAttention(16, 4)
+    other = CrossModalAttention(16, 4)
+    module.load_state_dict(other.state_dict())
+    assert joined(module)
+    torch.testing.assert_close(module.image_value.weight, other.image_value.weight)
+    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    out, _ = module(torch.randn(2, 3, 16), torch.randn(2, 5, 16), need_weights=False)
+    out.sum().backward()
+    opt.step()
+    assert joined(module)
+
+
+def test_deepcopy_is_joined_and_independent() -> None:
+    module = CrossModalAttention(16, 4)
+    twin = copy.deepcopy(module)
+    assert joined(twin)
+    assert twin.image_key.weight.data_ptr() != module.image_key.weight.data_ptr()
+    with torch.no_grad():
+        twin.image_value.weight.add_(1.0)
+    assert not torch.equal(twin.image_value.weight, module.image_value.weight)
+
+
+def test_share_memory_is_kept() -> None:
+    module = CrossModalAttention(16, 4).share_memory()
+    assert module.image_key.weight.is_shared()
+    assert module.image_value.weight.is_shared()
+    assert joined(module)  # share_memory_ moves the one storage; nothing is copied out of it
+
+
+def test_state_dict_round_trips_through_torch_save_and_safetensors(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    module = CrossModalAttention(16, 4)
+    state = module.state_dict()
+    path = tmp_path / "w.safetensors"
+    safetensors.torch.save_file(state, str(path))
+    loaded = safetensors.torch.load_file(str(path))
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    pickled = torch.load(buffer)
+    for name, value in state.items():
+        assert torch.equal(loaded[name], value), name
+        assert torch.equal(pickled[name], value), name
+        assert loaded[name].shape == value.shape
+
+
+# --------------------------------------------------------------------------------------------
+# The stacked product is used in inference and gives the reference answer
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("need_weights", [False, True], ids=["fused", "explicit"])
+@pytest.mark.parametrize("mask_name", ["none", "pad_2d_empty_element", "per_head_4d", "float_3d"])
+@pytest.mark.parametrize("config", CONFIGS)
+def test_inference_matches_reference_float64(
+    config: tuple, mask_name: str, need_weights: bool
+) -> None:
+    b, t, i, D, E, h, d, k, qk_norm, bias = config
+    module = make_module(D, h, E=E, d=d, k=k, qk_norm=qk_norm, bias=bias, dtype=torch.float64)
+    module.absorb_projections = False  # the projected path, where keys and values are made
+    text = torch.randn(b, t, D, dtype=torch.float64)
+    image = torch.randn(b, i, E, dtype=torch.float64)
+    mask = MASKS[mask_name](b, h, t, i, torch.Generator().manual_seed(0))
+    ref_out, ref_weights = reference_attention(module, text, image, mask)
+    with torch.inference_mode():
+        assert kv_share_storage(module, image)
+        out, weights = module(text, image, mask, need_weights=need_weights)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
+    if need_weights:
+        torch.testing.assert_close(weights, ref_weights, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stacked_product_equals_two_products(dtype: torch.dtype) -> None:
+    # The same dot products over E, grouped into one GEMM instead of two. float32: a different
+    # blocking may change the summation order (eps 1.2e-7 times a few dozen terms); bf16 outputs
+    # are rounded to 8 significant bits, so one output ulp (2^-8 relative) is allowed.
+    module = CrossModalAttention(32, 4, image_dim=48).to(dtype).eval()
+    split = copy.deepcopy(module)
+    split.image_value.weight = nn.Parameter(split.image_value.weight.detach().clone())
+    assert not joined(split)
+    image = torch.randn(3, 7, 48, dtype=dtype)
+    with torch.no_grad():
+        assert kv_share_storage(module, image)
+        assert not kv_share_storage(split, image)
+        one, two = module.encode_image(image), split.encode_image(image)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2**-8, "atol": 1e-3}
+    torch.testing.assert_close(one.key, two.key, **tol)
+    torch.testing.assert_close(one.value, two.value, **tol)
+
+
+# --------------------------------------------------------------------------------------------
+# Where the stacked product must not be used
+# --------------------------------------------------------------------------------------------
+
+
+def test_gradients_take_two_products_and_reach_both_weights() -> None:
+    module = CrossModalAttention(16, 4, absorb_projections=False)
+    image = torch.randn(2, 5, 16)
+    assert not kv_share_storage(module, image)  # parameters need gradients here
+    out, _ = module(torch.randn(2, 3, 16), image, need_weights=False)
+    out.square().sum().backward()
+    for p in (module.image_key.weight, module.image_value.weight, module.image_value.bias):
+        assert p.grad is not None
+        assert p.grad.abs().sum() > 0
+    frozen = CrossModalAttention(16, 4).requires_grad_(False)
+    assert not kv_share_storage(frozen, image.requires_grad_(True))  # the input needs one
+
+
+def test_hooks_see_their_projection_run() -> None:
+    module = CrossModalAttention(16, 4, absorb_projections=False).eval()
+    seen: list[str] = []
+    module.image_value.register_forward_hook(lambda m, args, out: seen.append("value"))
+    with torch.no_grad():
+        assert not kv_share_storage(module, torch.randn(1, 5, 16))
+        module(torch.randn(1, 3, 16), torch.randn(1, 5, 16), need_weights=False)
+    assert seen == ["value", "value"]
+
+
+def test_replaced_parameters_fall_back_and_stay_correct() -> None:
+    module = make_module(dtype=torch.float64)
+    module.absorb_projections = False
+    module.image_key.bias = nn.Parameter(torch.randn(16, dtype=torch.float64))  # bias elsewhere
+    text = torch.randn(2, 3, 16, dtype=torch.float64)
+    image = torch.randn(2, 5, 16, dtype=torch.float64)
+    ref_out, _ = reference_attention(module, text, image, None)
+    with torch.no_grad():
+        assert not kv_share_storage(module, image)
+        out, _ = module(text, image, need_weights=False)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
+    module.to(torch.float32)  # the next conversion joins them again
+    assert joined(module)
+
+
+def test_rows_of_one_tensor_refuses_what_is_not_one_tensor() -> None:
+    joint = torch.randn(8, 3)
+    assert torch.equal(_rows_of_one_tensor(joint[:4], joint[4:]), joint)  # type: ignore[arg-type]
+    assert _rows_of_one_tensor(joint[4:], joint[:4]) is None  # wrong order
+    assert _rows_of_one_tensor(joint[:4], joint[4:7]) is None  # other shape
+    assert _rows_of_one_tensor(torch.randn(4, 3), torch.randn(4, 3)) is None  # two storages
+    assert _rows_of_one_tensor(joint.t()[:, :4], joint.t()[:, 4:]) is None  # not contiguous
+    meta = torch.empty(8, 3, device="meta")
+    assert _rows_of_one_tensor(meta[:4], meta[4:]) is None
+
+
+def test_compile_fullgraph_in_inference_matches_eager() -> None:
+    module = CrossModalAttention(16, 4, absorb_projections=False).eval()
+    text, image = torch.randn(2, 3, 16), torch.randn(2, 5, 16)
+    compiled = torch.compile(module, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        expected, _ = module(text, image, need_weights=False)
+        got, _ = compiled(text, image, need_weights=False)
+    torch.testing.assert_close(got, expected)
