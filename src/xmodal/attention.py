@@ -789,9 +789,12 @@ class CrossModalAttention(nn.Module):
         No keys or values are computed; a row that sees no image token gets a zero context.
 
         Written as few kernels as it can be: at small sizes each extra pass over a tensor costs
-        as much as the arithmetic. The scale rides on the ``q W_k`` product, the queries are
-        read in the projection's layout, and rows that see nothing are zeroed once, at the end,
-        on the narrow context rather than on the ``E``-wide mixed features.
+        as much as the arithmetic. The rows of each batch element are ordered ``(t, h)``, the
+        projection's own order, so the queries are read in place, the mixed features go to the
+        ``W_v`` product as a strided view, and only ``q̃`` is copied once into its batch rows;
+        the scale rides on the ``q W_k`` product, a key-padding mask's bias on the scores
+        product, and rows that see nothing are zeroed once, on the narrow context (value bias
+        included).
 
         Args:
             q: ``(b, t, h, d)`` queries (after the optional query norm), contiguous.
@@ -803,29 +806,29 @@ class CrossModalAttention(nn.Module):
         """
         b, t, h, d = q.shape
         k, e, i = self.num_kv_heads, self.image_dim, image_features.shape[1]
-        g = h // k  # query heads per key/value head: their queries share W_k of that head
+        g = h // k  # query heads per key/value head: head κ·g + j reads W_k of head κ
         w_k = self.image_key.weight.view(k, d, e)
         w_v = self.image_value.weight.view(k, d, e)
 
-        # (k, g·b·t, d), rows (g, b, t) = (h, b, t): a strided view of q when g == 1
-        q = q.permute(2, 0, 1, 3).reshape(k, g * b * t, d)
+        # (k, b·t·g, d), rows (b, t, j): a view of q when g == 1 or k == 1
+        q = q.view(b * t, k, g, d).transpose(0, 1).reshape(k, b * t * g, d)
         zero = q.new_zeros(())
-        q_image = torch.baddbmm(zero, q, w_k, beta=0, alpha=d**-0.5)  # (k, g·b·t, E): q W_k / √d
-        q_image = q_image.view(h, b, t, e).transpose(0, 1).reshape(b, h * t, e)  # (b, h·t, E)
+        q_image = torch.baddbmm(zero, q, w_k, beta=0, alpha=d**-0.5)  # (k, b·t·g, E): q W_k / √d
+        q_image = q_image.view(k, b * t, g, e).transpose(0, 1).reshape(b, t * h, e)  # rows (t, h)
 
         x_t = image_features.transpose(1, 2)  # (b, E, i)
         if mask is not None and mask.shape[1] == 1 and mask.shape[2] == 1:
             # a key-padding mask (b|1, 1, 1, i): its bias rides on the product, no extra pass
             bias = _mask_bias(mask, q_image.dtype).view(mask.shape[0], 1, i)
-            scores = torch.baddbmm(bias, q_image, x_t).view(b, h, t, i)
-            probs = torch.softmax(scores, dim=-1)
+            probs = torch.softmax(torch.baddbmm(bias, q_image, x_t), dim=-1)  # (b, t·h, i)
         else:
-            scores = torch.bmm(q_image, x_t).view(b, h, t, i)
-            probs = _probabilities(scores, mask)  # (b, h, t, i); rows that see nothing: finite
+            scores = torch.bmm(q_image, x_t).view(b, t, h, i)
+            mask_th = None if mask is None else mask.transpose(1, 2)  # (b|1, t|1, h|1, i)
+            probs = _probabilities(scores, mask_th)  # rows that see nothing: finite, zeroed below
         if dropout_p > 0:
             probs = F.dropout(probs, p=dropout_p, training=True)
-        mixed = torch.bmm(probs.view(b, h * t, i), image_features)  # (b, h·t, E): sum_i p_i x_i
-        mixed = mixed.view(b, h, t, e).transpose(0, 1).reshape(k, g * b * t, e)
+        mixed = torch.bmm(probs.view(b, t * h, i), image_features)  # (b, t·h, E): sum_i p_i x_i
+        mixed = mixed.view(b * t, k, g, e).transpose(0, 1).reshape(k, b * t * g, e)  # rows (b,t,j)
 
         bias = None if self.image_value.bias is None else self.image_value.bias.view(k, 1, d)
         if self.image_key.bias is not None and torch.is_grad_enabled():
@@ -835,10 +838,10 @@ class CrossModalAttention(nn.Module):
             bias = anchor if bias is None else bias + anchor
         w_v_t = w_v.transpose(1, 2)  # (k, E, d)
         context = torch.bmm(mixed, w_v_t) if bias is None else torch.baddbmm(bias, mixed, w_v_t)
-        context = context.view(h, b, t, d)  # (k, g·b·t, d) = (h, b, t, d)
+        context = context.view(k, b * t, g, d).transpose(0, 1).reshape(b, t, h, d)
         if mask is not None:  # a row that sees nothing: zero context, value bias included
-            context = context * _any_last(mask).transpose(0, 1)  # (h|1, b|1, t|1, 1)
-        return context.permute(1, 2, 0, 3)  # (b, t, h, d)
+            context = context * _any_last(mask).transpose(1, 2)  # (b|1, t|1, h|1, 1)
+        return context
 
     def _check_image_kv(self, kv: ImageKV, batch_size: int, text: Tensor) -> None:
         if not isinstance(kv, ImageKV):
