@@ -11,6 +11,7 @@ JSON/table/Markdown shape, the memory method, skipping of missing peers, and the
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -321,6 +322,31 @@ def test_cheap_cells_get_more_rounds_within_the_budget() -> None:
     assert isinstance(more["cheap"], measure.Stats)
     assert len(fixed["cheap"].samples) == 3
     assert len(more["cheap"].samples) == 9  # a microsecond step: the cap, not the budget, binds
+
+
+def test_rounds_time_everyone_once_and_nobody_mostly_after_the_same_row() -> None:
+    # What runs just before a sample matters (a big GEMM leaves caches and clocks behind), so
+    # no implementation may sit right after the same one in most rounds, as a rotation of a
+    # fixed list would put the first-listed one after the last (the GEMM reference).
+    x = impls.make_inputs(tiny_cell(), torch.device("cpu"))
+    calls: list[str] = []
+
+    def step(name: str) -> measure.Step:
+        return measure.Step(impls.Prepared(lambda: calls.append(name) or x.text), x, "ref", False)
+
+    names = ["first", "second", "third", "gemm"]
+    rounds = 60
+    measure.time_interleaved(
+        {n: step(n) for n in names}, device=torch.device("cpu"), rounds=rounds, warmup=1,
+        min_sample_s=0.0,
+    )  # fmt: skip
+    timed = calls[2 * len(names) :]  # after each name's warm-up and calibration call
+    assert len(timed) == rounds * len(names)
+    for r in range(rounds):
+        assert sorted(timed[r * len(names) : (r + 1) * len(names)]) == sorted(names)
+    after_gemm = [b for a, b in itertools.pairwise(timed) if a == "gemm"]
+    share = {n: after_gemm.count(n) / len(after_gemm) for n in names[:3]}
+    assert all(0.2 <= v <= 0.5 for v in share.values()), share  # 1/3 each, give or take
 
 
 def test_training_step_runs_backward_and_clears_gradients() -> None:

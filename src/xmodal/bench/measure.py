@@ -3,8 +3,14 @@
 Legend: ``b`` batch, ``t`` text tokens, ``i`` image tokens, ``h`` heads, ``d`` head width.
 
 Timing. Every implementation of a cell is warmed up, then timed in *interleaved* rounds: each
-round times every implementation once, in a rotated order, so that a burst of load from other
-processes on a shared machine falls on all of them rather than on one. A sample is a loop of
+round times every implementation once, in a freshly shuffled order (seeded, so a run can be
+repeated), so that a burst of load from other processes on a shared machine falls on all of
+them rather than on one. Shuffled rather than rotated: what ran just before a sample matters.
+After the cell's 1024x1024 GEMM reference, the next sample of any implementation ran about 30%
+slower on this machine (the GEMM leaves the caches full of its own data and the core at its
+AVX-512 clock), and a rotation of a fixed list puts the same implementation after the GEMM in
+most rounds -- the first one listed, xmodal: 2 rounds in 3 with three rows, against 1 in 3 for
+the notebook's code. A sample is a loop of
 ``n`` calls, with ``n`` calibrated so that a sample lasts at least ``min_sample_s``; the figure
 kept is seconds per call. The spread over rounds (quartiles, min and max) is reported with the
 median.
@@ -36,6 +42,7 @@ import json
 import logging
 import math
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -66,6 +73,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MAX_INNER = 10_000  # calls per sample at most
+ORDER_SEED = 20261127  # the shuffled order of the implementations in each round
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -210,8 +218,9 @@ def time_interleaved(
         rounds = max(rounds, min(cap, int(budget_s / max(per_round, 1e-9))))
     samples: dict[str, list[float]] = {name: [] for name in names}
     cpu: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(rounds):
-        order = names[r % len(names) :] + names[: r % len(names)] if names else []
+    shuffle = random.Random(ORDER_SEED)
+    for _ in range(rounds):
+        order = shuffle.sample(names, len(names))
         for name in order:
             if name in result:
                 continue  # failed in an earlier round
