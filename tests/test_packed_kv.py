@@ -236,3 +236,24 @@ def test_compile_fullgraph_in_inference_matches_eager() -> None:
         expected, _ = module(text, image, need_weights=False)
         got, _ = compiled(text, image, need_weights=False)
     torch.testing.assert_close(got, expected)
+
+
+def test_a_remembered_layout_is_checked_against_the_parameters_in_use() -> None:
+    # _stacked_kv_projection remembers its answer for the tensors it saw; a parameter whose
+    # .data is reassigned afterwards (new memory, new values) must not be read through old views.
+    module = make_module(dtype=torch.float64)
+    module.absorb_projections = False
+    text = torch.randn(2, 3, 16, dtype=torch.float64)
+    image = torch.randn(2, 5, 16, dtype=torch.float64)
+    with torch.no_grad():
+        assert kv_share_storage(module, image)
+        module(text, image, need_weights=False)
+        module.image_value.weight.data = module.image_value.weight.data + 1.0  # new storage
+        assert not kv_share_storage(module, image)
+        out, _ = module(text, image, need_weights=False)
+    ref_out, _ = reference_attention(module, text, image, None)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        module.image_value.weight.add_(1.0)  # in place: the joined layout stays valid
+        module.to(torch.float64)  # a conversion joins the pair again (a no-op dtype here)
+        assert kv_share_storage(module, image)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -509,6 +510,9 @@ class CrossModalAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.q_norm = nn.RMSNorm(head_dim) if qk_norm else None
         self.k_norm = nn.RMSNorm(head_dim) if qk_norm else None
+        # (parameters, their addresses, stacked (weight, bias) views or None): see
+        # _stacked_kv_projection; dropped whenever the parameters may have moved
+        self._kv_stack: _KVStack | None = None
         self._place_kv_side_by_side()
 
     @property
@@ -546,12 +550,11 @@ class CrossModalAttention(nn.Module):
         k, d = self.num_kv_heads, self.head_dim
         stacked = self._stacked_kv_projection(image_features)
         if stacked is not None:
-            kv = F.linear(image_features, *stacked).view(b, i, 2, k, d)
-            key, value = kv.unbind(2)  # (b, i, k, d) each, views of one tensor
+            kv = F.linear(image_features, *stacked).view(b, i, 2, k, d).permute(2, 0, 3, 1, 4)
+            key, value = kv.unbind(0)  # (b, k, i, d) each, views of one (b, i, 2·k·d) tensor
         else:
-            key = self.image_key(image_features).view(b, i, k, d)
-            value = self.image_value(image_features).view(b, i, k, d)
-        key, value = key.transpose(1, 2), value.transpose(1, 2)  # (b, k, i, d)
+            key = self.image_key(image_features).view(b, i, k, d).transpose(1, 2)
+            value = self.image_value(image_features).view(b, i, k, d).transpose(1, 2)
         if self.k_norm is not None:
             key = self.k_norm(key)
         return key, value  # (b, k, i, d) each
@@ -566,24 +569,29 @@ class CrossModalAttention(nn.Module):
         hooks (a hook must see its own module run).
         """
         key, value = self.image_key, self.image_value
+        params = (key.weight, value.weight, key.bias, value.bias)
         if torch.is_grad_enabled() and (
-            image_features.requires_grad
-            or any(
-                p.requires_grad
-                for p in (key.weight, value.weight, key.bias, value.bias)
-                if p is not None
-            )
+            image_features.requires_grad or any(p.requires_grad for p in params if p is not None)
         ):
             return None
         if torch.compiler.is_compiling() or not (_plain_linear(key) and _plain_linear(value)):
             return None
+        # The layout check costs ~60 us a call on a cold cache; remember its answer for these
+        # very tensors (same objects at the same addresses: a replaced parameter or one whose
+        # .data was reassigned is checked afresh)
+        where = tuple(0 if p is None else p.data_ptr() for p in params)
+        cached = self._kv_stack
+        if cached is not None and cached[1] == where and all(map(operator.is_, cached[0], params)):
+            return cached[2]
+        stacked: tuple[Tensor, Tensor | None] | None = None
         weight = _rows_of_one_tensor(key.weight, value.weight)
-        if weight is None or (key.bias is None) != (value.bias is None):
-            return None
-        if key.bias is None or value.bias is None:
-            return weight, None
-        bias = _rows_of_one_tensor(key.bias, value.bias)
-        return None if bias is None else (weight, bias)
+        if weight is not None and key.bias is None and value.bias is None:
+            stacked = (weight, None)
+        elif weight is not None and key.bias is not None and value.bias is not None:
+            bias = _rows_of_one_tensor(key.bias, value.bias)
+            stacked = None if bias is None else (weight, bias)
+        self._kv_stack = (params, where, stacked)
+        return stacked
 
     def _place_kv_side_by_side(self) -> None:
         """Store the key and value projections' weights (and biases) as halves of one tensor.
@@ -596,6 +604,7 @@ class CrossModalAttention(nn.Module):
         (meta, shared or pinned memory, tensor subclasses such as DTensor), are left as they are;
         the projections then simply run one after the other.
         """
+        self._kv_stack = None
         for name in ("weight", "bias"):
             first = getattr(self.image_key, name)
             second = getattr(self.image_value, name)
@@ -862,6 +871,11 @@ class CrossModalAttention(nn.Module):
                     f"image_kv has dtype {part.dtype}, but text_features has dtype "
                     f"{text.dtype}; encode the image with the same module and dtype"
                 )
+
+
+# CrossModalAttention._stacked_kv_projection's memo: the four key/value parameters, their data
+# addresses, and the stacked (weight, bias) views they allow, or None
+_KVStack = tuple[tuple[Tensor | None, ...], tuple[int, ...], tuple[Tensor, Tensor | None] | None]
 
 
 def _rows_of_one_tensor(first: Tensor, second: Tensor) -> Tensor | None:
