@@ -36,12 +36,12 @@ def joined(module: CrossModalAttention) -> bool:
 
 
 def kv_share_storage(module: CrossModalAttention, image: Tensor) -> bool:
-    """Whether ``encode_image`` makes keys and values with one product.
+    """Whether the forward pass makes keys and values with one product.
 
     Its values are then a view of that product, and so are its keys unless a key norm made new
-    ones: the product's width is ``2·k·d``.
+    ones: the product's width is ``2·k·d``. (``encode_image`` copies them out, contiguous.)
     """
-    value = module.encode_image(image).value  # (b, k, i, d)
+    _, value = module._project_kv(image)  # (b, k, i, d)
     return value.untyped_storage().nbytes() == 2 * value.numel() * value.element_size()
 
 
@@ -169,6 +169,9 @@ def test_stacked_product_equals_two_products(dtype: torch.dtype) -> None:
         assert kv_share_storage(module, image)
         assert not kv_share_storage(split, image)
         one, two = module.encode_image(image), split.encode_image(image)
+    for kv in (one, two):  # the cache is stored contiguous, whichever way it was made
+        assert kv.key.is_contiguous()
+        assert kv.value.is_contiguous()
     tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2**-8, "atol": 1e-3}
     torch.testing.assert_close(one.key, two.key, **tol)
     torch.testing.assert_close(one.value, two.value, **tol)
