@@ -812,3 +812,44 @@ def test_fp16_explicit_path_survives_scores_beyond_fp16_range() -> None:
     torch.testing.assert_close(
         weights.float(), torch.full((1, 1, 2, 3), 1 / 3), rtol=2e-3, atol=1e-3
     )
+
+
+# --------------------------------------------------------------------------------------------
+# The empty-row guard is skipped, eagerly on CPU, when no row is empty
+# --------------------------------------------------------------------------------------------
+
+
+def test_no_empty_rows_answers_only_where_it_can_look() -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from xmodal.attention import _any_last, _no_empty_rows
+
+    full = torch.ones(2, 1, 3, 5, dtype=torch.bool)
+    holed = full.clone()
+    holed[1, 0, 2] = False
+    assert _no_empty_rows(_any_last(full))
+    assert not _no_empty_rows(_any_last(holed))
+    visible = _any_last(full)
+    with FakeTensorMode() as fake:
+        assert not _no_empty_rows(fake.from_tensor(visible))  # no values: keep the guard
+    assert not _no_empty_rows(torch.ones(2, 1, 1, 1, dtype=torch.bool, device="meta"))
+
+
+@pytest.mark.parametrize("need_weights", [False, True], ids=["fused", "explicit"])
+@pytest.mark.parametrize("mask_name", ["pad_2d", "per_head_4d", "bcast_3d_t1", "float_3d"])
+def test_skipping_the_guard_changes_nothing_when_every_row_sees_something(
+    monkeypatch: pytest.MonkeyPatch, mask_name: str, need_weights: bool
+) -> None:
+    module, text, image, mask = make_case(CONFIGS[1].values[0], mask_name)
+    assert mask is not None
+    b, t, i, _, _, h, *_ = CONFIGS[1].values[0]
+    mask = mask.clone()
+    mask[..., 0] = 1  # every query head sees image token 0: no empty row
+    assert not dead_rows(mask, b, h, t, i).any()
+    module.absorb_projections = False
+    skipped = module(text, image, mask, need_weights=need_weights)
+    monkeypatch.setattr(xmodal.attention, "_no_empty_rows", lambda visible: False)
+    guarded = module(text, image, mask, need_weights=need_weights)
+    assert torch.equal(skipped[0], guarded[0])
+    if need_weights:
+        assert torch.equal(skipped[1], guarded[1])

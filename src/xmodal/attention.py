@@ -172,6 +172,26 @@ def _any_last(mask: Tensor) -> Tensor:
     return mask.view(torch.uint8).amax(dim=-1, keepdim=True).view(torch.bool)
 
 
+def _no_empty_rows(visible: Tensor) -> bool:
+    """Whether every row of a keep-mask sees something (``visible`` from :func:`_any_last`).
+
+    Then :func:`attend` leaves out its guard for rows that see nothing (a 0/0 softmax): the
+    ``mask | ~visible`` for SDPA, the zeroing of those rows' context, and with weights a pass
+    over all ``b·h·t·i`` probabilities (1-3% of a masked notebook-shape call). Asked only where
+    the answer is cheap: eagerly, on CPU. While compiling or exporting, on other devices (a
+    host sync), or for tensors without values (fake, vmapped), it answers ``False`` and the
+    guard runs.
+    """
+    if visible.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    if torch.compiler.is_exporting():
+        return False
+    try:
+        return bool(visible.all())
+    except RuntimeError:  # no values to look at
+        return False
+
+
 def _mask_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
     """An additive bias of the keep-mask's own (broadcast) shape: 0 to keep, ``finfo.min / 2`` not.
 
@@ -299,13 +319,15 @@ def attend(
     # A row with no visible token would be a 0/0 softmax. Let it see everything (finite, with
     # finite gradients), then zero its output: the same rule on every kernel and torch version.
     visible = None if mask is None else _any_last(mask)  # (b|1, ·, ·, 1)
+    if visible is not None and _no_empty_rows(visible):
+        visible = None  # nothing to guard: skip the guard's passes
 
     if not explicit:
         context = F.scaled_dot_product_attention(
             q,
             k,
             v,
-            attn_mask=None if mask is None or visible is None else mask | ~visible,
+            attn_mask=mask if mask is None or visible is None else mask | ~visible,
             dropout_p=dropout_p,
             scale=scale,
             enable_gqa=sdpa_gqa,
@@ -328,7 +350,7 @@ def attend(
         # An all-masked row comes out (nearly) uniform. Returned weights zero it; without
         # weights, the context row is zeroed below instead, cheaper than a second pass.
         probs = _probabilities(scores, mask)
-        if mask is not None and need_weights:
+        if mask is not None and visible is not None and need_weights:
             probs = probs * mask  # all-masked rows: uniform -> zero
         probs = probs.to(q.dtype)
         dropped = F.dropout(probs, p=dropout_p, training=True) if dropout_p > 0 else probs
