@@ -260,3 +260,22 @@ def test_a_remembered_layout_is_checked_against_the_parameters_in_use() -> None:
         module.image_value.weight.add_(1.0)  # in place: the joined layout stays valid
         module.to(torch.float64)  # a conversion joins the pair again (a no-op dtype here)
         assert kv_share_storage(module, image)
+
+
+def test_a_state_dict_load_that_replaces_parameters_lets_go_of_the_old_ones() -> None:
+    import gc
+    import weakref
+
+    module = CrossModalAttention(16, 4, absorb_projections=False).eval()
+    with torch.no_grad():
+        module(torch.randn(1, 2, 16), torch.randn(1, 3, 16), need_weights=False)  # remembered
+    old = weakref.ref(module.image_value.weight)
+    module.load_state_dict(CrossModalAttention(16, 4).state_dict(), assign=True)
+    gc.collect()
+    assert old() is None  # not kept alive by the remembered layout
+    text, image = torch.randn(1, 2, 16), torch.randn(1, 3, 16)
+    with torch.no_grad():
+        out, _ = module(text, image, need_weights=False)
+    module.absorb_projections = False
+    ref, _ = copy.deepcopy(module).requires_grad_(True)(text, image, need_weights=False)
+    torch.testing.assert_close(out, ref)

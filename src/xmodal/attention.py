@@ -34,6 +34,7 @@ import math
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -533,7 +534,8 @@ class CrossModalAttention(nn.Module):
         self.q_norm = nn.RMSNorm(head_dim) if qk_norm else None
         self.k_norm = nn.RMSNorm(head_dim) if qk_norm else None
         # (parameters, their addresses, stacked (weight, bias) views or None): see
-        # _stacked_kv_projection; dropped whenever the parameters may have moved
+        # _stacked_kv_projection. Dropped on every conversion, copy and state-dict load; a
+        # parameter replaced by hand is let go at the next inference call, which sees the change
         self._kv_stack: _KVStack | None = None
         self._place_kv_side_by_side()
 
@@ -662,6 +664,12 @@ class CrossModalAttention(nn.Module):
     def __setstate__(self, state: dict[str, object]) -> None:
         super().__setstate__(state)  # copy.deepcopy clones each parameter on its own
         self._place_kv_side_by_side()
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        # load_state_dict(assign=True) replaces parameters: let go of the remembered ones now
+        # rather than at the next inference call (copying loads keep the layout as it is)
+        self._kv_stack = None
+        super()._load_from_state_dict(*args, **kwargs)
 
     def forward(
         self,
