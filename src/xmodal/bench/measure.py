@@ -5,23 +5,23 @@ Legend: ``b`` batch, ``t`` text tokens, ``i`` image tokens, ``h`` heads, ``d`` h
 Timing. Every implementation of a cell is warmed up, then timed in *interleaved* rounds: each
 round times every implementation once, in a freshly shuffled order (seeded, so a run can be
 repeated), so that a burst of load from other processes on a shared machine falls on all of
-them rather than on one. Shuffled rather than rotated: what ran just before a sample matters.
-After the cell's 1024x1024 GEMM reference, the next sample of any implementation ran about 30%
-slower on this machine (the GEMM leaves the caches full of its own data and the core at its
-AVX-512 clock), and a rotation of a fixed list puts the same implementation after the GEMM in
-most rounds -- the first one listed, xmodal: 2 rounds in 3 with three rows, against 1 in 3 for
-the notebook's code. A sample is a loop of
-``n`` calls, with ``n`` calibrated so that a sample lasts at least ``min_sample_s``; the figure
-kept is seconds per call. The spread over rounds (quartiles, min and max) is reported with the
-median.
+them rather than on one. A sample is a loop of ``n`` calls, with ``n`` calibrated so that a
+sample lasts at least ``min_sample_s``; the figure kept is seconds per call. The spread over
+rounds (quartiles, min and max) is reported with the median.
+
+Shuffled rather than rotated, because what ran just before a sample matters: after the cell's
+GEMM reference, the next sample of any implementation ran about 30% slower on this machine (the
+GEMM leaves the caches full of its own data and the core at its AVX-512 clock), and a rotation
+of a fixed list puts the same implementation after the GEMM in most rounds -- the first one
+listed, xmodal: 2 rounds in 3 with three rows, against 1 in 3 for the notebook's code.
 
 The timing process first asks glibc's ``malloc`` to keep freed memory (:func:`hold_freed_memory`).
 With its defaults, whether the top of the heap is handed back to the kernel after each call,
 and faulted in again by the next, depends on where earlier allocations happened to land: the
 same module at the notebook's shape took 1.85 or 2.7 ms per call from one process to the next,
 with 570 page faults and 0.5 ms of system time per call in the slow case. That is the
-allocator, not the implementation, and it hits every implementation alike; holding freed memory
-removes it (0 faults per call).
+allocator, not the implementation, and it strikes whichever implementation the heap's layout
+happens to disfavour; holding freed memory removes it (0 faults per call).
 
 Memory. On CPU, PyTorch allocates with ``malloc``, which ``tracemalloc`` does not see. Each cell
 runs in a fresh child process (``python -m xmodal.bench.memory``) that, for each implementation
