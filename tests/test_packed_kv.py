@@ -279,3 +279,20 @@ def test_a_state_dict_load_that_replaces_parameters_lets_go_of_the_old_ones() ->
     module.absorb_projections = False
     ref, _ = copy.deepcopy(module).requires_grad_(True)(text, image, need_weights=False)
     torch.testing.assert_close(out, ref)
+
+
+def test_parametrised_projections_are_left_alone_and_stay_correct() -> None:
+    from torch.nn.utils.parametrizations import weight_norm
+
+    module = make_module(dtype=torch.float64)
+    module.absorb_projections = False
+    weight_norm(module.image_value)  # image_value.weight is now computed from g and v
+    module = module.to(torch.float64)  # a conversion must not try to join a computed weight
+    assert not joined(module)
+    text = torch.randn(2, 3, 16, dtype=torch.float64)
+    image = torch.randn(2, 5, 16, dtype=torch.float64)
+    ref_out, _ = reference_attention(module, text, image, None)
+    with torch.no_grad():
+        assert not kv_share_storage(module, image)
+        out, _ = module(text, image, need_weights=False)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)

@@ -634,10 +634,10 @@ class CrossModalAttention(nn.Module):
         """
         self._kv_stack = None
         for name in ("weight", "bias"):
-            first = getattr(self.image_key, name)
-            second = getattr(self.image_value, name)
-            if not isinstance(first, Tensor) or not isinstance(second, Tensor):
-                continue
+            first = getattr(self.image_key, name, None)
+            second = getattr(self.image_value, name, None)
+            if not isinstance(first, nn.Parameter) or not isinstance(second, nn.Parameter):
+                continue  # absent, or computed (parametrised, pruned): nothing to place
             if _rows_of_one_tensor(first, second) is not None:
                 continue
             plain = all(
