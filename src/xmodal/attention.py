@@ -628,9 +628,10 @@ class CrossModalAttention(nn.Module):
         is joined, so that inference can project keys and values with one GEMM (see
         :meth:`_project_kv`). Runs at construction and after every conversion of the module
         (``.to()``, ``.bfloat16()``, ``.to_empty()``...), which converts parameters one by one.
-        Parameters already side by side, or that are not plain tensors in ordinary memory
-        (meta, shared or pinned memory, tensor subclasses such as DTensor), are left as they are;
-        the projections then simply run one after the other.
+        Parameters already side by side, or that are not plain tensors in ordinary memory of
+        their own (meta, shared or pinned memory, tensor subclasses such as DTensor, views into
+        someone else's flat buffer as FSDP or a fused optimiser make them), are left as they
+        are; the projections then simply run one after the other.
         """
         self._kv_stack = None
         for name in ("weight", "bias"):
@@ -645,6 +646,7 @@ class CrossModalAttention(nn.Module):
                 and p.device.type != "meta"
                 and not p.is_shared()
                 and not (p.device.type == "cpu" and p.is_pinned())
+                and _owns_its_memory(p)
                 for p in (first, second)
             )
             if not plain or (first.shape, first.dtype, first.device) != (
@@ -931,6 +933,14 @@ def _rows_of_one_tensor(first: Tensor, second: Tensor) -> Tensor | None:
         return first.detach().as_strided((2 * first.shape[0], *first.shape[1:]), first.stride())
     except (RuntimeError, NotImplementedError):  # no data, or adjacent by chance in two storages
         return None
+
+
+def _owns_its_memory(p: Tensor) -> bool:
+    """``p`` is the whole of its storage, not a view into a larger buffer someone else keeps."""
+    try:
+        return p.storage_offset() == 0 and p.untyped_storage().nbytes() == p.nbytes
+    except (RuntimeError, NotImplementedError):  # no storage to look at
+        return False
 
 
 def _plain_linear(m: nn.Module) -> bool:
