@@ -45,6 +45,17 @@ def kv_share_storage(module: CrossModalAttention, image: Tensor) -> bool:
     return value.untyped_storage().nbytes() == 2 * value.numel() * value.element_size()
 
 
+def assert_two_products_match_reference(module: CrossModalAttention) -> None:
+    """In inference ``module`` (float64, width 16) projects K and V apart, and is still right."""
+    text = torch.randn(2, 3, 16, dtype=torch.float64)
+    image = torch.randn(2, 5, 16, dtype=torch.float64)
+    ref_out, _ = reference_attention(module, text, image, None)
+    with torch.no_grad():
+        assert not kv_share_storage(module, image)
+        out, _ = module(text, image, need_weights=False)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
+
+
 # --------------------------------------------------------------------------------------------
 # The pair stays joined
 # --------------------------------------------------------------------------------------------
@@ -209,13 +220,7 @@ def test_replaced_parameters_fall_back_and_stay_correct() -> None:
     module = make_module(dtype=torch.float64)
     module.absorb_projections = False
     module.image_key.bias = nn.Parameter(torch.randn(16, dtype=torch.float64))  # bias elsewhere
-    text = torch.randn(2, 3, 16, dtype=torch.float64)
-    image = torch.randn(2, 5, 16, dtype=torch.float64)
-    ref_out, _ = reference_attention(module, text, image, None)
-    with torch.no_grad():
-        assert not kv_share_storage(module, image)
-        out, _ = module(text, image, need_weights=False)
-    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
+    assert_two_products_match_reference(module)
     module.to(torch.float32)  # the next conversion joins them again
     assert joined(module)
 
@@ -293,13 +298,7 @@ def test_parametrised_projections_are_left_alone_and_stay_correct() -> None:
     weight_norm(module.image_value)  # image_value.weight is now computed from g and v
     module = module.to(torch.float64)  # a conversion must not try to join a computed weight
     assert not joined(module)
-    text = torch.randn(2, 3, 16, dtype=torch.float64)
-    image = torch.randn(2, 5, 16, dtype=torch.float64)
-    ref_out, _ = reference_attention(module, text, image, None)
-    with torch.no_grad():
-        assert not kv_share_storage(module, image)
-        out, _ = module(text, image, need_weights=False)
-    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
+    assert_two_products_match_reference(module)
 
 
 def test_parameters_that_are_views_into_a_flat_buffer_are_left_there() -> None:

@@ -183,9 +183,11 @@ def _no_empty_rows(visible: Tensor) -> bool:
     host sync), or for tensors without values (fake, vmapped), it answers ``False`` and the
     guard runs.
     """
-    if visible.device.type != "cpu" or torch.compiler.is_compiling():
-        return False
-    if torch.compiler.is_exporting():
+    if (
+        visible.device.type != "cpu"
+        or torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
+    ):
         return False
     try:
         return bool(visible.all())
