@@ -24,7 +24,9 @@ masked softmax as the core's math path on the raw image features and keeps the s
 queries that see nothing. Where keys and values are projected, inference does it with one GEMM:
 the two projections' weights are kept side by side in memory (each still its own parameter),
 so they can be read as one stacked weight, as ``nn.MultiheadAttention``'s packed projection is
-(see :meth:`CrossModalAttention._project_kv`).
+(see :meth:`CrossModalAttention._project_kv`). Their biases stay out of that product where it
+pays: the softmax cancels the key bias, and the value bias is added to the fewer context rows
+instead (see :meth:`CrossModalAttention._kv_biases_after`).
 """
 
 from __future__ import annotations
@@ -268,6 +270,7 @@ def attend(
     need_weights: bool = False,
     scale: float | None = None,
     force_math: bool = False,
+    value_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Scaled dot-product attention with xmodal's masking rules. The one attention core.
 
@@ -285,6 +288,11 @@ def attend(
         force_math: run matmul, softmax, matmul (the explicit path's arithmetic) even without
             weights; the absorbed path of :class:`CrossModalAttention` uses it, where the
             scores are smaller than the keys and values it avoids.
+        value_bias: ``None`` or a ``(k·d,)`` bias shared by every value vector, added to the
+            context instead of to ``v``: the same result, since the probabilities of a row that
+            sees something sum to 1, for ``t`` context rows instead of ``i`` value rows (see
+            :meth:`CrossModalAttention._project_kv`). A row that sees nothing still gets a zero
+            context. Only without dropout, whose kept probabilities do not sum to 1.
 
     Returns:
         ``(context, weights)``: context ``(b, h, t, d)`` in ``q``'s dtype; weights
@@ -294,6 +302,17 @@ def attend(
     b, h, t, d = q.shape
     num_kv_heads, i = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if value_bias is not None:
+        if dropout_p > 0:
+            raise ValueError(
+                f"value_bias needs dropout_p == 0 (dropped probabilities do not sum to 1), "
+                f"got dropout_p={dropout_p}; add the bias to v instead"
+            )
+        if value_bias.shape != (num_kv_heads * v.shape[-1],):
+            raise ValueError(
+                f"value_bias must have shape (k·d,) = ({num_kv_heads * v.shape[-1]},) for "
+                f"values of shape {tuple(v.shape)}, got {tuple(value_bias.shape)}"
+            )
 
     if i == 0:  # nothing to see: every query gets the zero context (a static-shape branch)
         context = q.new_zeros(b, h, t, d)
@@ -360,7 +379,9 @@ def attend(
         context = torch.bmm(_stacked(dropped), _stacked(v))  # (b·k, g·t, d)
         context = context.view(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
         weights = probs.reshape(b, h, t, i) if need_weights else None
-    if visible is not None and not need_weights:
+    if value_bias is not None:  # one (d,) bias per key/value head, on each of its query rows
+        context = context + _per_head(value_bias, num_kv_heads, context.shape[1])
+    if visible is not None and (not need_weights or value_bias is not None):
         context = context * visible  # rows that see no image token: zero (context is finite)
 
     # (b, k, g·t, d) -> (b, h, t, d); split-then-merge rather than reshape, which would guard on
@@ -369,6 +390,18 @@ def attend(
     if folded > 1:
         context = context.unflatten(2, (folded, t)).flatten(1, 2)
     return context, weights
+
+
+def _per_head(bias: Tensor, num_kv_heads: int, heads: int) -> Tensor:
+    """A ``(k·d,)`` value bias as ``(1, heads, 1, d)``, to add to a ``(b, heads, ·, d)`` context.
+
+    ``heads`` is ``k`` (query groups folded into the rows) or ``h`` (unfolded: head ``j`` reads
+    key/value head ``j // g``).
+    """
+    bias = bias.view(1, num_kv_heads, 1, -1)
+    if heads != num_kv_heads:
+        bias = bias.repeat_interleave(heads // num_kv_heads, dim=1)
+    return bias
 
 
 # The absorbed path runs while its FLOPs are at most this fraction of the projected path's, per
@@ -568,23 +601,46 @@ class CrossModalAttention(nn.Module):
         # 1.82 against 2.56 ms bf16 and 2.62 against 3.84 ms fp32 at i=4096 D1024 h16).
         return ImageKV(key.contiguous(), value.contiguous())
 
-    def _project_kv(self, image_features: Tensor) -> tuple[Tensor, Tensor]:
+    def _project_kv(
+        self, image_features: Tensor, biases: tuple[Tensor | None, Tensor | None] | None = None
+    ) -> tuple[Tensor, Tensor]:
         """:meth:`encode_image`'s keys and values, without its checks (``forward`` made them).
 
         In inference, with the two weights side by side in memory (see
         :meth:`_place_kv_side_by_side`), keys and values come from one product with the stacked
         ``(2·k·d, E)`` weight, as ``nn.MultiheadAttention``'s packed projection does: one wider
         GEMM runs faster than two (bf16, one thread: 271 against 351 us at the notebook's shape).
+
+        Args:
+            image_features: ``(b, i, E)``.
+            biases: ``None`` (default) projects with the modules' own biases. Otherwise no key
+                bias and ``(None, value_bias)``, ``None`` for no value bias either, where
+                :meth:`_kv_biases_after` allows it. On CPU a bias costs ``F.linear`` a copy of
+                itself into every output row first: bf16, one thread, 2.5 of 18.0 ms for the
+                K/V product at ``i4096 D1024 h16``. Where one stacked product serves and a
+                value bias is asked for, the stacked bias brings the key bias along: one
+                product beats two, and the softmax cancels the key bias all the same.
+
+        Returns:
+            key and value ``(b, k, i, d)`` (the key normalised where the module has a key norm).
         """
         b, i, _ = image_features.shape
         k, d = self.num_kv_heads, self.head_dim
         stacked = self._stacked_kv_projection(image_features)
         if stacked is not None:
-            kv = F.linear(image_features, *stacked).view(b, i, 2, k, d).permute(2, 0, 3, 1, 4)
+            weight, bias = stacked
+            no_bias = biases is not None and biases[1] is None
+            kv = F.linear(image_features, weight, None if no_bias else bias)  # (b, i, 2·k·d)
+            kv = kv.view(b, i, 2, k, d).permute(2, 0, 3, 1, 4)
             key, value = kv.unbind(0)  # (b, k, i, d) each, views of one (b, i, 2·k·d) tensor
         else:
-            key = self.image_key(image_features).view(b, i, k, d).transpose(1, 2)
-            value = self.image_value(image_features).view(b, i, k, d).transpose(1, 2)
+            if biases is None:  # the modules as they are
+                key, value = self.image_key(image_features), self.image_value(image_features)
+            else:  # plain nn.Linear projections without hooks (_kv_biases_after)
+                key = F.linear(image_features, self.image_key.weight)
+                value = F.linear(image_features, self.image_value.weight, biases[1])
+            key = key.view(b, i, k, d).transpose(1, 2)
+            value = value.view(b, i, k, d).transpose(1, 2)
         if self.k_norm is not None:
             key = self.k_norm(key)
         return key, value  # (b, k, i, d) each
@@ -743,9 +799,9 @@ class CrossModalAttention(nn.Module):
         else:
             if image_kv is None:
                 assert image_features is not None  # checked above
-                key, value = self._project_kv(image_features)  # (b, k, i, d) each
+                key, value, value_bias = self._keys_and_values(image_features, t, dropout_p)
             else:
-                key, value = image_kv.key, image_kv.value
+                key, value, value_bias = image_kv.key, image_kv.value, None  # (b, k, i, d)
             context, weights = attend(
                 q.transpose(1, 2),
                 key,
@@ -753,6 +809,7 @@ class CrossModalAttention(nn.Module):
                 mask,
                 dropout_p=dropout_p,
                 need_weights=need_weights,
+                value_bias=value_bias,
             )  # (b, h, t, d), (b, h, t, i) | None
             context = context.transpose(1, 2)  # (b, t, h, d)
         return self.output_proj(context.reshape(b, t, self.inner_dim)), weights
@@ -823,6 +880,69 @@ class CrossModalAttention(nn.Module):
             and _plain_linear(self.image_value)
         )
 
+    def _keys_and_values(
+        self, image_features: Tensor, text_len: int, dropout_p: float
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The projected path's keys and values ``(b, k, i, d)``, and a bias for the context.
+
+        The key bias is left out and the value bias goes to the context (:func:`attend`'s
+        ``value_bias``) where :meth:`_kv_biases_after` allows. Otherwise the modules project
+        as they are.
+        """
+        key_moved, value_moved = self._kv_biases_after(dropout_p, image_features.shape[1], text_len)
+        if not key_moved:
+            return (*self._project_kv(image_features), None)
+        value_bias = self._value_bias()  # the key bias's zero gradient attached
+        if value_moved:
+            return (*self._project_kv(image_features, (None, None)), value_bias)
+        return (*self._project_kv(image_features, (None, value_bias)), None)
+
+    def _kv_biases_after(
+        self, dropout_p: float, image_len: int, text_len: int
+    ) -> tuple[bool, bool]:
+        """Which K/V biases the projected path moves out of the K/V products: ``(key, value)``.
+
+        Both moves are exact for any input. The softmax cancels ``q·b_k``, the same for every
+        image token of a row, so the key bias is left out. A visible row's probabilities sum to
+        1, so ``b_v`` can be added to the ``h·t`` context rows (:func:`attend`'s
+        ``value_bias``) instead of the ``k·i`` value rows: it is, where those are more (a bias
+        costs about the same per element on either side, a little more on the context in
+        bf16), and not with dropout, whose kept probabilities do not sum to 1. Neither move
+        with a key norm (it acts on the biased keys), under autocast (the bias would be added
+        in another dtype), or for projections other than plain ``nn.Linear`` without hooks,
+        which must run as themselves; and only where both biases exist, as the key bias's zero
+        gradient rides on the value bias (:meth:`_value_bias`).
+        """
+        key, value = self.image_key, self.image_value
+        if (
+            self.k_norm is not None
+            or not (_plain_linear(key) and _plain_linear(value))
+            or torch.is_autocast_enabled(key.weight.device.type)
+        ):
+            return False, False
+        if key.bias is None or value.bias is None:
+            return False, False
+        fewer_rows = self.num_heads * text_len < self.num_kv_heads * image_len
+        if not isinstance(fewer_rows, bool):  # symbolic sizes (export): keep it where it is
+            fewer_rows = statically_known_true(fewer_rows)
+        return True, dropout_p == 0 and fewer_rows
+
+    def _value_bias(self) -> Tensor | None:
+        """``image_value``'s bias ``(k·d,)`` for paths that leave the key bias out, or ``None``.
+
+        They add it after attention, or in the value product alone. The key bias's gradient is
+        then exactly zero (the softmax cancels it); in training it rides on the value bias as
+        ``0 * sum(b_k)``, so that autograd gives it that zero rather than no gradient at all
+        (DDP expects a gradient for every parameter used).
+        """
+        bias: Tensor | None = self.image_value.bias
+        key_bias = self.image_key.bias
+        if key_bias is not None and torch.is_grad_enabled() and key_bias.requires_grad:
+            anchor = 0.0 * key_bias.sum()
+            width = self.num_kv_heads * self.head_dim
+            bias = anchor.expand(width) if bias is None else bias + anchor
+        return bias
+
     def _attend_absorbed(
         self, q: Tensor, image_features: Tensor, mask: Tensor | None, dropout_p: float
     ) -> Tensor:
@@ -877,14 +997,16 @@ class CrossModalAttention(nn.Module):
         mixed = torch.bmm(probs.view(b, t * h, i), image_features)  # (b, t·h, E): sum_i p_i x_i
         mixed = mixed.view(b * t, k, g, e).transpose(0, 1).reshape(k, b * t * g, e)  # rows (b,t,j)
 
-        bias = None if self.image_value.bias is None else self.image_value.bias.view(k, 1, d)
-        if self.image_key.bias is not None and torch.is_grad_enabled():
-            # The softmax cancels the key bias: its gradient is exactly zero. Give autograd that
-            # zero rather than no gradient at all (DDP expects one for every parameter used).
-            anchor = 0.0 * self.image_key.bias.sum()
-            bias = anchor if bias is None else bias + anchor
+        value_bias = self._value_bias()  # (k·d,) | None, the key bias's zero gradient attached
         w_v_t = w_v.transpose(1, 2)  # (k, E, d)
-        context = torch.bmm(mixed, w_v_t) if bias is None else torch.baddbmm(bias, mixed, w_v_t)
+        if value_bias is None:
+            context = torch.bmm(mixed, w_v_t)  # (k, b·t·g, d)
+        else:
+            bias = value_bias.view(k, 1, d)
+            if dropout_p > 0:  # each value carries b_v: the row gets it times its kept mass
+                kept = probs.view(b * t, k, g, i).sum(-1).transpose(0, 1)  # (k, b·t, g)
+                bias = kept.reshape(k, b * t * g, 1) * bias  # (k, b·t·g, d)
+            context = torch.baddbmm(bias, mixed, w_v_t)
         context = context.view(k, b * t, g, d).transpose(0, 1).reshape(b, t, h, d)
         if mask is not None:  # a row that sees nothing: zero context, value bias included
             context = context * _any_last(mask).transpose(1, 2)  # (b|1, t|1, h|1, 1)
