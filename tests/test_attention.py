@@ -853,3 +853,44 @@ def test_skipping_the_guard_changes_nothing_when_every_row_sees_something(
     assert torch.equal(skipped[0], guarded[0])
     if need_weights:
         assert torch.equal(skipped[1], guarded[1])
+
+
+# --------------------------------------------------------------------------------------------
+# Keys and values copied contiguous for SDPA in float32 on CPU, from 128 query rows
+# --------------------------------------------------------------------------------------------
+
+
+def test_contiguous_kv_rule() -> None:
+    from xmodal.attention import CONTIGUOUS_KV_MIN_QUERIES, _contiguous_kv_is_faster
+
+    n = CONTIGUOUS_KV_MIN_QUERIES
+    q = torch.randn(1, 2, n, 4)
+    assert _contiguous_kv_is_faster(q, grad=False)
+    assert not _contiguous_kv_is_faster(q[:, :, : n - 1], grad=False)  # one or two query blocks
+    assert not _contiguous_kv_is_faster(q, grad=True)  # training: not measured
+    assert not _contiguous_kv_is_faster(q.bfloat16(), grad=False)  # bf16 packs its own blocks
+    assert not _contiguous_kv_is_faster(q.double(), grad=False)
+
+
+@pytest.mark.parametrize("t", [127, 128])
+def test_contiguous_kv_gives_the_same_context(monkeypatch: pytest.MonkeyPatch, t: int) -> None:
+    # The copy changes where SDPA reads from, not what it computes: bit for bit the same.
+    b, h, i, d = 2, 4, 9, 8
+    kv = torch.randn(b, i, 2, h, d).permute(2, 0, 3, 1, 4)  # (2, b, h, i, d): the stacked views
+    k, v = kv.unbind(0)
+    q = torch.randn(b, t, h, d).transpose(1, 2)
+    mask = torch.rand(b, 1, 1, i) < 0.7
+    mask[:, ..., 0] = True
+    seen: list[tuple[bool, bool]] = []
+    original = F.scaled_dot_product_attention
+
+    def spy(q: Tensor, k: Tensor, v: Tensor, **kwargs: Any) -> Tensor:
+        seen.append((k.is_contiguous(), v.is_contiguous()))
+        return original(q, k, v, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    with torch.no_grad():
+        got, _ = attend(q, k, v, mask)
+        want, _ = attend(q, k.contiguous(), v.contiguous(), mask)
+    assert seen[0] == ((True, True) if t >= 128 else (False, False))
+    assert torch.equal(got, want)

@@ -225,6 +225,27 @@ def test_replaced_parameters_fall_back_and_stay_correct() -> None:
     assert joined(module)
 
 
+@pytest.mark.parametrize(("image_len", "stacked"), [(65535, True), (65536, False)])
+def test_a_product_of_glibcs_largest_mmap_threshold_is_split_in_two(
+    image_len: int, stacked: bool
+) -> None:
+    # 2·i·k·d float32 elements: 65536 · 128 · 4 bytes = 32 MiB, which glibc may map afresh
+    # (and the kernel fault in page by page) on every call; two 16 MiB outputs stay on its heap
+    from xmodal.attention import MALLOC_MMAP_THRESHOLD_MAX, _fresh_pages_each_call
+
+    module = CrossModalAttention(64, 1, image_dim=4, dropout=0.0).eval()
+    image = torch.randn(1, image_len, 4)
+    assert _fresh_pages_each_call(image, 2 * image_len * 64) is not stacked
+    with torch.no_grad():
+        assert kv_share_storage(module, image) is stacked
+        key, value = module._project_kv(image)
+    torch.testing.assert_close(key, module.image_key(image).view(1, -1, 1, 64).transpose(1, 2))
+    torch.testing.assert_close(value, module.image_value(image).view(1, -1, 1, 64).transpose(1, 2))
+    # each half must itself stay below the threshold for the split to help
+    assert not _fresh_pages_each_call(image, 4 * MALLOC_MMAP_THRESHOLD_MAX)
+    assert not _fresh_pages_each_call(image.to("meta"), 2 * image_len * 64)  # CPU only
+
+
 def test_rows_of_one_tensor_refuses_what_is_not_one_tensor() -> None:
     joint = torch.randn(8, 3)
     assert torch.equal(_rows_of_one_tensor(joint[:4], joint[4:]), joint)  # type: ignore[arg-type]

@@ -260,6 +260,33 @@ def _math_is_faster(x: Tensor, grad: bool, num_scores: int) -> bool:
     )
 
 
+# Query rows per key/value head from which SDPA on CPU runs faster, in float32, on keys and values
+# copied contiguous than on the strided views the projections give (see _contiguous_kv_is_faster)
+CONTIGUOUS_KV_MIN_QUERIES = 128
+
+
+def _contiguous_kv_is_faster(q: Tensor, grad: bool) -> bool:
+    """Whether the fused path should copy keys and values contiguous before SDPA.
+
+    SDPA's CPU flash kernel reads the keys and values once per block of query rows (32 to 256
+    of them), straight from their strides in float32. On the views that split heads off the
+    projections, each head's ``d``-wide rows lie ``k·d`` apart (``2·k·d`` from the stacked K/V
+    product), so every pass gathers them again. From a few query blocks on, one copy costs
+    less. One thread, ``benchmarks/bench_kv_layout.py``, SDPA plus the copy against SDPA on the
+    views, float32: 1.03-1.22x as fast from 128 query rows (``t256 i4096 D1024 h16`` 1.22x,
+    ``t2048 i4096`` 1.15x, ``t2048 i576 h8 d128`` 1.03x), 0.98x at 96, 0.90x at 64 and 0.70x
+    at 32 (one or two blocks: the copy is pure cost). In bf16 the kernel packs its blocks
+    itself and the copy only costs (0.66-0.97x), so only float32 inference; training, other
+    dtypes and other devices are not measured.
+    """
+    return (
+        not grad
+        and q.dtype == torch.float32
+        and q.device.type == "cpu"
+        and statically_known_true(q.shape[2] >= CONTIGUOUS_KV_MIN_QUERIES)  # no guard if symbolic
+    )
+
+
 def attend(
     q: Tensor,
     k: Tensor,
@@ -345,6 +372,8 @@ def attend(
         visible = None  # nothing to guard: skip the guard's passes
 
     if not explicit:
+        if _contiguous_kv_is_faster(q, grad):
+            k, v = k.contiguous(), v.contiguous()  # (b, k, i, d) row-major per head
         context = F.scaled_dot_product_attention(
             q,
             k,
@@ -627,6 +656,8 @@ class CrossModalAttention(nn.Module):
         b, i, _ = image_features.shape
         k, d = self.num_kv_heads, self.head_dim
         stacked = self._stacked_kv_projection(image_features)
+        if stacked is not None and _fresh_pages_each_call(image_features, 2 * b * i * k * d):
+            stacked = None  # two half-size outputs that the allocator can reuse
         if stacked is not None:
             weight, bias = stacked
             no_bias = biases is not None and biases[1] is None
@@ -1057,6 +1088,29 @@ def _rows_of_one_tensor(first: Tensor, second: Tensor) -> Tensor | None:
         return first.detach().as_strided((2 * first.shape[0], *first.shape[1:]), first.stride())
     except (RuntimeError, NotImplementedError):  # no data, or adjacent by chance in two storages
         return None
+
+
+# glibc's largest mmap threshold on 64-bit systems (DEFAULT_MMAP_THRESHOLD_MAX, 32 MiB): it never
+# keeps freed blocks this large on its heap, whatever mallopt or its dynamic threshold says
+MALLOC_MMAP_THRESHOLD_MAX = 32 << 20
+
+
+def _fresh_pages_each_call(x: Tensor, numel: int) -> bool:
+    """Whether a CPU tensor of ``numel`` elements of ``x``'s dtype may cost fresh memory on every
+    call, where two of half its size would not.
+
+    glibc serves an allocation of :data:`MALLOC_MMAP_THRESHOLD_MAX` bytes or more that no free
+    block of its heap can hold with a new ``mmap``, which the kernel faults in and zeroes page
+    by page on first touch and which ``free`` unmaps: every call pays again, or not, by the luck
+    of what the process allocated before. One thread, fp32, the stacked K/V product at
+    ``i4096 D1024 h16`` (exactly 32 MiB), three fresh processes
+    (``benchmarks/bench_kv_layout.py``): 117-141 ms a call with 8193 page faults, against
+    110-119 ms and none for two products with 16 MiB outputs. Other allocators (jemalloc,
+    tcmalloc) reuse large blocks; where no faults happened the module timed the same either
+    way (0.99-1.01x, interleaved), so the split costs little there.
+    """
+    size = numel * x.element_size()
+    return x.device.type == "cpu" and size >= MALLOC_MMAP_THRESHOLD_MAX > size // 2
 
 
 def _owns_its_memory(p: Tensor) -> bool:
