@@ -21,9 +21,7 @@ Also times the seed notebook's module at its own shape (4x20 text, 4x196 image, 
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -33,8 +31,8 @@ import torch
 
 from xmodal import CrossModalAttention
 from xmodal.attention import ABSORB_MAX_COST_RATIO, absorbed_is_cheaper, absorption_costs
-from xmodal.bench.measure import hold_freed_memory
 from xmodal.bench.notebook import NotebookCrossModalAttention
+from xmodal.bench.runner import timing_process
 
 
 @dataclass(frozen=True)
@@ -169,13 +167,8 @@ def main() -> None:
     parser.add_argument("--shapes", type=int, nargs="*", help="indices into SHAPES (default all)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    malloc = hold_freed_memory()
     print(
-        f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; malloc {malloc}; "
-        f"{platform.processor() or platform.machine()} ({os.cpu_count()} logical CPUs); "
-        f"torch {torch.__version__}; {torch.get_num_threads()} thread(s); "
-        f"load {os.getloadavg()}; ABSORB_MAX_COST_RATIO "
+        f"{timing_process(args.threads)}; ABSORB_MAX_COST_RATIO "
         + str({str(k)[6:]: v for k, v in ABSORB_MAX_COST_RATIO.items()}),
         flush=True,
     )

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import resource
 import statistics
@@ -35,7 +34,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from xmodal.bench.measure import hold_freed_memory
+from xmodal.bench.runner import timing_process
 
 ROUNDS = 11
 # (t, i, E, h, d): the query lengths around the rule's threshold (128), and the grid's shapes
@@ -98,8 +97,7 @@ def layout(dtype: torch.dtype) -> None:
 
 def product_child(split: bool) -> dict[str, float]:
     """In this (fresh) process: ms and page faults per call of the K/V product(s)."""
-    torch.set_num_threads(1)
-    hold_freed_memory()
+    timing_process(threads=1)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, 4096, 1024, generator=gen)
     w = torch.randn(2 * 1024, 1024, generator=gen) / 32  # stacked (2·h·d, E), h16 d64
@@ -149,12 +147,7 @@ def main() -> None:
     if args.product_child:
         print(json.dumps(product_child(args.product_child == "split")))
         return
-    torch.set_num_threads(1)
-    malloc = hold_freed_memory()
-    print(
-        f"{platform.processor() or platform.machine()}; torch {torch.__version__}; "
-        f"1 thread; malloc {malloc}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
-    )
+    print(timing_process(threads=1))
     for dtype in (torch.float32, torch.bfloat16):
         layout(dtype)
     products()

@@ -12,7 +12,6 @@ Run it before and after a change to the masking code (docs/benchmarks.md, "Maske
 
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -20,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 from xmodal import CrossModalAttention
-from xmodal.bench.measure import hold_freed_memory
+from xmodal.bench.runner import timing_process
 
 B, T, N, D, H = 4, 20, 196, 256, 8
 
@@ -62,12 +61,7 @@ def measure(dtype: torch.dtype) -> dict[str, float]:
 
 
 def main() -> None:
-    torch.set_num_threads(1)
-    malloc = hold_freed_memory()
-    print(
-        f"{platform.processor() or platform.machine()}; torch {torch.__version__}; 1 thread; "
-        f"malloc {malloc}"
-    )
+    print(timing_process(threads=1))
     for dtype in (torch.float32, torch.bfloat16):
         times = measure(dtype)
         print(f"{str(dtype)[6:]:9}" + "  ".join(f"{k} {v:.3f} ms" for k, v in times.items()))

@@ -14,6 +14,7 @@ import argparse
 import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -418,6 +419,20 @@ def test_hold_freed_memory_stops_page_faults_between_calls() -> None:
     _, small = faults("small")
     assert small > 50 * 4 * 200, small
     assert held < 50, held
+
+
+def test_timing_process_fixes_threads_and_names_the_setting() -> None:
+    from xmodal.bench.runner import timing_process
+
+    threads = torch.get_num_threads()
+    try:
+        line = timing_process(1, hold_memory=False)  # holding is process-wide: tested above
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert f"torch {torch.__version__}; 1 thread(s)" in line
+    assert line.endswith("malloc system default")
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC; ", line), line
 
 
 def test_system_malloc_flag_reaches_the_config() -> None:

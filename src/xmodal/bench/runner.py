@@ -43,7 +43,7 @@ from xmodal.bench.measure import (
     time_interleaved,
 )
 
-__all__ = ["BenchConfig", "find_decode_script", "machine_info", "run"]
+__all__ = ["BenchConfig", "find_decode_script", "machine_info", "run", "timing_process"]
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +129,25 @@ def machine_info(device: torch.device) -> dict[str, object]:
     with contextlib.suppress(OSError):
         info["load_average_start"] = [round(x, 2) for x in os.getloadavg()]
     return info
+
+
+def timing_process(threads: int = 1, *, hold_memory: bool = True) -> str:
+    """Set this process up for timing, as the ``benchmarks/`` scripts do; return a header line.
+
+    Fixes torch's threads, keeps glibc from trimming the heap (:func:`hold_freed_memory`,
+    unless ``hold_memory`` is false) and names the date, CPU, torch, threads, load and malloc
+    setting, so that every script's figures say where they were measured.
+    """
+    torch.set_num_threads(threads)
+    malloc = hold_freed_memory() if hold_memory else "system default"
+    load = ""
+    with contextlib.suppress(OSError):
+        load = f"; load {tuple(round(x, 2) for x in os.getloadavg())}"
+    return (
+        f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; {_cpu_model()} "
+        f"({os.cpu_count()} logical CPUs); torch {torch.__version__}; "
+        f"{torch.get_num_threads()} thread(s){load}; malloc {malloc}"
+    )
 
 
 def find_decode_script() -> Path | None:
