@@ -10,6 +10,7 @@ one head and one query at a time. Everything here is small (widths <= 64) and fa
 from __future__ import annotations
 
 import copy
+import functools
 import io
 from collections.abc import Callable
 from typing import Any
@@ -894,3 +895,85 @@ def test_contiguous_kv_gives_the_same_context(monkeypatch: pytest.MonkeyPatch, t
         want, _ = attend(q, k.contiguous(), v.contiguous(), mask)
     assert seen[0] == ((True, True) if t >= 128 else (False, False))
     assert torch.equal(got, want)
+
+
+# --------------------------------------------------------------------------------------------
+# The empty-row guard is left to SDPA where SDPA zeroes such rows itself
+# --------------------------------------------------------------------------------------------
+
+
+def _softmax_sdpa(fill: float) -> Callable[..., Tensor]:
+    """An SDPA stand-in that fills masked scores with ``fill`` (NaN or uniform rows)."""
+
+    def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor, **kwargs: Any) -> Tensor:
+        g = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+        scores = (q @ k.transpose(-1, -2)).masked_fill(~attn_mask, fill)
+        return torch.softmax(scores, -1) @ v
+
+    return sdpa
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_the_question_about_empty_rows_tells_kernels_apart(grad: bool) -> None:
+    from xmodal.attention import _ask_sdpa_about_empty_rows
+
+    ask = functools.partial(_ask_sdpa_about_empty_rows, torch.float32, grad, False, True)
+    assert not ask(_softmax_sdpa(float("-inf")))  # 0/0: NaN rows
+    assert not ask(_softmax_sdpa(-1e9))  # the notebook's fill: uniform rows, not zero
+    assert ask(
+        lambda q, k, v, **kw: _softmax_sdpa(-1e9)(q, k, v, **kw) * kw["attn_mask"].any(-1, True)
+    )
+
+
+def test_sdpa_is_asked_once_per_setting_and_leaves_the_random_stream_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    asked: list[tuple[Any, ...]] = []
+    original = xmodal.attention._ask_sdpa_about_empty_rows
+
+    def counted(*setting: Any) -> bool:
+        asked.append(setting)
+        return original(*setting)
+
+    monkeypatch.setattr(xmodal.attention, "_SDPA_ZEROES_EMPTY_ROWS", {})
+    monkeypatch.setattr(xmodal.attention, "_ask_sdpa_about_empty_rows", counted)
+    ask = xmodal.attention._sdpa_zeroes_empty_rows
+    q = torch.randn(1, 2, 3, 4)
+    state = torch.get_rng_state()
+    first = ask(q, False, True, False)  # dropout draws random numbers inside the question
+    assert torch.equal(torch.get_rng_state(), state)
+    assert ask(q, False, True, False) == first
+    ask(q.double(), True, False, False)
+    assert asked == [(torch.float32, False, True, False), (torch.float64, True, False, False)]
+    assert not ask(q.to("meta"), False, False, False)  # other devices: the guard runs
+
+
+@pytest.mark.parametrize("value_bias", [False, True])
+def test_attend_leaves_the_guard_to_sdpa_only_where_it_zeroes_empty_rows(
+    monkeypatch: pytest.MonkeyPatch, value_bias: bool
+) -> None:
+    calls: list[int] = []
+    original = xmodal.attention._any_last
+
+    def counted(mask: Tensor) -> Tensor:
+        calls.append(1)
+        return original(mask)
+
+    monkeypatch.setattr(xmodal.attention, "_any_last", counted)
+    q = torch.randn(2, 4, 3, 8, requires_grad=True)
+    k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 4, 5, 8)
+    mask = torch.rand(2, 1, 1, 5) < 0.6
+    mask[1] = False  # the second batch element sees nothing
+    bias = torch.randn(32) if value_bias else None
+    context, _ = attend(q, k, v, mask, value_bias=bias)
+    asked = xmodal.attention._sdpa_zeroes_empty_rows(q, True, False, False)
+    assert calls == ([] if asked and not value_bias else [1])  # a value bias needs the guard
+    assert (context[1] == 0).all()
+    context.square().sum().backward()
+    assert q.grad is not None
+    assert q.grad.isfinite().all()
+    assert (q.grad[1] == 0).all()
+    monkeypatch.setattr(xmodal.attention, "_sdpa_zeroes_empty_rows", lambda *args: False)
+    guarded, _ = attend(q, k, v, mask, value_bias=bias)
+    assert torch.equal(context, guarded)

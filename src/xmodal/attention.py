@@ -197,6 +197,74 @@ def _no_empty_rows(visible: Tensor) -> bool:
         return False
 
 
+# (dtype, grad, dropout, enable_gqa) -> whether SDPA on CPU zeroes rows that see nothing itself
+_SDPA_ZEROES_EMPTY_ROWS: dict[tuple[torch.dtype, bool, bool, bool], bool] = {}
+
+
+def _sdpa_zeroes_empty_rows(q: Tensor, grad: bool, dropout: bool, gqa: bool) -> bool:
+    """Whether SDPA gives a query whose mask row is all ``False`` a zero output by itself, and
+    finite gradients (zero for that query) where ``grad``.
+
+    Then :func:`attend` leaves out its own guard for such rows (``mask.any``, ``mask | ~visible``
+    and zeroing their context): one thread, bf16, notebook shape with a key-padding mask, 60 us
+    of a 1.2 ms call. torch 2.13's CPU kernels do it (the flash kernel, forward and backward,
+    and the math fallback that dropout takes); earlier ones gave NaN. Rather than trust a
+    version number, the kernel is asked once per process and setting, on a small input with
+    empty rows in several query blocks, without touching the random-number stream. On other
+    devices (whose SDPA backends vary with the shape), while compiling or exporting, the answer
+    is ``False``: the guard runs.
+    """
+    if q.device.type != "cpu" or torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return False
+    setting = (q.dtype, grad, dropout, gqa)
+    known = _SDPA_ZEROES_EMPTY_ROWS.get(setting)
+    if known is None:
+        known = _SDPA_ZEROES_EMPTY_ROWS[setting] = _ask_sdpa_about_empty_rows(*setting)
+    return known
+
+
+def _ask_sdpa_about_empty_rows(
+    dtype: torch.dtype,
+    grad: bool,
+    dropout: bool,
+    gqa: bool,
+    sdpa: Callable[..., Tensor] = torch.ops.aten.scaled_dot_product_attention,
+) -> bool:
+    """Run ``sdpa`` on CPU on rows that see nothing and check that they come out zero.
+
+    See :func:`_sdpa_zeroes_empty_rows`. The operator itself by default, so that spies on
+    ``F.scaled_dot_product_attention`` do not count the question.
+    """
+    b, h, t, i, d = 2, 4, 70, 40, 12  # several 32-row query blocks and a tail, a vector tail
+    kv_heads = 2 if gqa else h
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.rand(b, 1, t, i, generator=gen) < 0.5
+    mask[:, :, :, 0] = True
+    dead = torch.zeros(b, 1, t, 1, dtype=torch.bool)
+    dead[0, :, [1, 33, 69]] = True  # in the first block, the second, and the tail
+    dead[1] = True  # a whole batch element
+    mask &= ~dead
+    with (
+        torch.random.fork_rng(devices=[]),
+        torch.inference_mode(False),
+        torch.enable_grad() if grad else torch.no_grad(),
+    ):
+        q, k, v = (
+            torch.randn(b, heads, n, d, generator=gen).to(dtype).requires_grad_(grad)
+            for heads, n in ((h, t), (kv_heads, i), (kv_heads, i))
+        )
+        try:
+            out = sdpa(q, k, v, attn_mask=mask, dropout_p=0.5 if dropout else 0.0, enable_gqa=gqa)
+            ok = bool(out.isfinite().all()) and bool((out * dead).eq(0).all())
+            if ok and grad:
+                grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+                ok = all(bool(g.isfinite().all()) for g in grads)
+                ok = ok and bool((grads[0] * dead).eq(0).all())
+        except RuntimeError:  # this setting is not supported at all: keep the guard
+            ok = False
+    return ok
+
+
 def _mask_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
     """An additive bias of the keep-mask's own (broadcast) shape: 0 to keep, ``finfo.min / 2`` not.
 
@@ -367,9 +435,16 @@ def attend(
 
     # A row with no visible token would be a 0/0 softmax. Let it see everything (finite, with
     # finite gradients), then zero its output: the same rule on every kernel and torch version.
-    visible = None if mask is None else _any_last(mask)  # (b|1, ·, ·, 1)
-    if visible is not None and _no_empty_rows(visible):
-        visible = None  # nothing to guard: skip the guard's passes
+    # Not needed where SDPA zeroes such rows itself (and no value bias would reach them).
+    visible = None
+    if mask is not None and (
+        explicit
+        or value_bias is not None
+        or not _sdpa_zeroes_empty_rows(q, grad, dropout_p > 0, sdpa_gqa)
+    ):
+        visible = _any_last(mask)  # (b|1, ·, ·, 1)
+        if _no_empty_rows(visible):
+            visible = None  # nothing to guard: skip the guard's passes
 
     if not explicit:
         if _contiguous_kv_is_faster(q, grad):
