@@ -866,11 +866,12 @@ def test_contiguous_kv_rule() -> None:
 
     n = CONTIGUOUS_KV_MIN_QUERIES
     q = torch.randn(1, 2, n, 4)
-    assert _contiguous_kv_is_faster(q, grad=False)
-    assert not _contiguous_kv_is_faster(q[:, :, : n - 1], grad=False)  # one or two query blocks
-    assert not _contiguous_kv_is_faster(q, grad=True)  # training: not measured
-    assert not _contiguous_kv_is_faster(q.bfloat16(), grad=False)  # bf16 packs its own blocks
-    assert not _contiguous_kv_is_faster(q.double(), grad=False)
+    assert _contiguous_kv_is_faster(q, n, grad=False)
+    assert not _contiguous_kv_is_faster(q, n - 1, grad=False)  # one or two query blocks
+    assert not _contiguous_kv_is_faster(q, n, grad=True)  # training: not measured
+    assert not _contiguous_kv_is_faster(q.bfloat16(), n, grad=False)  # bf16 packs its blocks
+    assert not _contiguous_kv_is_faster(q.double(), n, grad=False)
+    assert not _contiguous_kv_is_faster(q.to("meta"), n, grad=False)
 
 
 @pytest.mark.parametrize("t", [127, 128])
@@ -977,3 +978,50 @@ def test_attend_leaves_the_guard_to_sdpa_only_where_it_zeroes_empty_rows(
     monkeypatch.setattr(xmodal.attention, "_sdpa_zeroes_empty_rows", lambda *args: False)
     guarded, _ = attend(q, k, v, mask, value_bias=bias)
     assert torch.equal(context, guarded)
+
+
+@pytest.mark.parametrize(
+    ("biases", "qk_norm"), [("own", False), ("own", True), ("none", False), ("value", False)]
+)
+def test_project_kv_contiguous_gives_the_same_keys_and_values(biases: str, qk_norm: bool) -> None:
+    module = make_module(16, 4, k=2, qk_norm=qk_norm)
+    image = torch.randn(2, 9, 16)
+    key_bias, value_bias = module.image_key.bias, module.image_value.bias
+    assert key_bias is not None
+    assert value_bias is not None
+    given = {"own": None, "none": (None, None), "value": (None, value_bias)}[biases]
+    with torch.no_grad():
+        views = module._project_kv(image, given)
+        copies = module._project_kv(image, given, contiguous=True)
+    assert all(copy_.is_contiguous() for copy_ in copies)
+    torch.testing.assert_close(copies[1], views[1], rtol=0, atol=0)
+    if biases == "value":
+        # one stacked product brings the key bias along (the softmax cancels it); the copies
+        # come from two products, without it
+        torch.testing.assert_close(
+            views[0] - copies[0], key_bias.view(1, 2, 1, 4).expand_as(views[0])
+        )
+    else:
+        torch.testing.assert_close(copies[0], views[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("t", "dtype", "copied"),
+    [(128, torch.float32, True), (127, torch.float32, False), (128, torch.bfloat16, False)],
+)
+def test_forward_hands_attend_contiguous_keys_and_values_where_sdpa_reads_them_faster(
+    monkeypatch: pytest.MonkeyPatch, t: int, dtype: torch.dtype, copied: bool
+) -> None:
+    seen: list[bool] = []
+    original = xmodal.attention.attend
+
+    def spy(q: Tensor, k: Tensor, v: Tensor, *args: Any, **kwargs: Any) -> Any:
+        seen.append(k.is_contiguous() and v.is_contiguous())
+        return original(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(xmodal.attention, "attend", spy)
+    module = make_module(16, 4, dtype=dtype)
+    text, image = torch.randn(1, t, 16, dtype=dtype), torch.randn(1, 9, 16, dtype=dtype)
+    with torch.no_grad():
+        module(text, image, need_weights=False)
+    assert seen == [copied]

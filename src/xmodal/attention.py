@@ -333,7 +333,7 @@ def _math_is_faster(x: Tensor, grad: bool, num_scores: int) -> bool:
 CONTIGUOUS_KV_MIN_QUERIES = 128
 
 
-def _contiguous_kv_is_faster(q: Tensor, grad: bool) -> bool:
+def _contiguous_kv_is_faster(x: Tensor, query_rows: int, grad: bool) -> bool:
     """Whether the fused path should copy keys and values contiguous before SDPA.
 
     SDPA's CPU flash kernel reads the keys and values once per block of query rows (32 to 256
@@ -346,12 +346,17 @@ def _contiguous_kv_is_faster(q: Tensor, grad: bool) -> bool:
     at 32 (one or two blocks: the copy is pure cost). In bf16 the kernel packs its blocks
     itself and the copy only costs (0.66-0.97x), so only float32 inference; training, other
     dtypes and other devices are not measured.
+
+    Args:
+        x: the queries, keys or values (for their dtype and device).
+        query_rows: query rows per key/value head (``g·t`` where groups are folded).
+        grad: whether autograd will need a backward.
     """
     return (
         not grad
-        and q.dtype == torch.float32
-        and q.device.type == "cpu"
-        and statically_known_true(q.shape[2] >= CONTIGUOUS_KV_MIN_QUERIES)  # no guard if symbolic
+        and x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and statically_known_true(query_rows >= CONTIGUOUS_KV_MIN_QUERIES)  # no guard if symbolic
     )
 
 
@@ -447,7 +452,7 @@ def attend(
             visible = None  # nothing to guard: skip the guard's passes
 
     if not explicit:
-        if _contiguous_kv_is_faster(q, grad):
+        if _contiguous_kv_is_faster(q, q.shape[2], grad):
             k, v = k.contiguous(), v.contiguous()  # (b, k, i, d) row-major per head
         context = F.scaled_dot_product_attention(
             q,
@@ -706,7 +711,11 @@ class CrossModalAttention(nn.Module):
         return ImageKV(key.contiguous(), value.contiguous())
 
     def _project_kv(
-        self, image_features: Tensor, biases: tuple[Tensor | None, Tensor | None] | None = None
+        self,
+        image_features: Tensor,
+        biases: tuple[Tensor | None, Tensor | None] | None = None,
+        *,
+        contiguous: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """:meth:`encode_image`'s keys and values, without its checks (``forward`` made them).
 
@@ -724,6 +733,11 @@ class CrossModalAttention(nn.Module):
                 K/V product at ``i4096 D1024 h16``. Where one stacked product serves and a
                 value bias is asked for, the stacked bias brings the key bias along: one
                 product beats two, and the softmax cancels the key bias all the same.
+            contiguous: return keys and values copied row-major per head, as :func:`attend`
+                would copy them for SDPA (:func:`_contiguous_kv_is_faster`). Then the two
+                products are made one after the other, each copied out before the next is
+                made, so the call holds three of the four tensors at most, not all four
+                (peak extra memory, fp32 ``t256 i4096 D1024 h16``: 67 -> 49 MB).
 
         Returns:
             key and value ``(b, k, i, d)`` (the key normalised where the module has a key norm).
@@ -731,8 +745,12 @@ class CrossModalAttention(nn.Module):
         b, i, _ = image_features.shape
         k, d = self.num_kv_heads, self.head_dim
         stacked = self._stacked_kv_projection(image_features)
-        if stacked is not None and _fresh_pages_each_call(image_features, 2 * b * i * k * d):
-            stacked = None  # two half-size outputs that the allocator can reuse
+        if stacked is not None and (
+            contiguous or _fresh_pages_each_call(image_features, 2 * b * i * k * d)
+        ):
+            # two half-size outputs that the allocator can reuse; where keys and values are
+            # copied out anyway, the first output can go before the second is made
+            stacked = None
         if stacked is not None:
             weight, bias = stacked
             no_bias = biases is not None and biases[1] is None
@@ -740,15 +758,22 @@ class CrossModalAttention(nn.Module):
             kv = kv.view(b, i, 2, k, d).permute(2, 0, 3, 1, 4)
             key, value = kv.unbind(0)  # (b, k, i, d) each, views of one (b, i, 2·k·d) tensor
         else:
-            if biases is None:  # the modules as they are
-                key, value = self.image_key(image_features), self.image_value(image_features)
-            else:  # plain nn.Linear projections without hooks (_kv_biases_after)
-                key = F.linear(image_features, self.image_key.weight)
-                value = F.linear(image_features, self.image_value.weight, biases[1])
-            key = key.view(b, i, k, d).transpose(1, 2)
-            value = value.view(b, i, k, d).transpose(1, 2)
+            parts = []
+            for n, linear in enumerate((self.image_key, self.image_value)):
+                if biases is None:  # the module as it is
+                    product = linear(image_features)  # (b, i, k·d)
+                else:  # a plain nn.Linear without hooks (_kv_biases_after), the bias given
+                    product = F.linear(image_features, linear.weight, biases[n])
+                part = product.view(b, i, k, d).transpose(1, 2)  # (b, k, i, d)
+                if contiguous and not (n == 0 and self.k_norm is not None):
+                    part = part.contiguous()
+                parts.append(part)
+                del product, part  # a copied product is freed before the next one is made
+            key, value = parts
         if self.k_norm is not None:
             key = self.k_norm(key)
+        if contiguous:  # (no-ops for copies made above)
+            key, value = key.contiguous(), value.contiguous()
         return key, value  # (b, k, i, d) each
 
     def _stacked_kv_projection(self, image_features: Tensor) -> tuple[Tensor, Tensor | None] | None:
@@ -996,12 +1021,14 @@ class CrossModalAttention(nn.Module):
         as they are.
         """
         key_moved, value_moved = self._kv_biases_after(dropout_p, image_features.shape[1], text_len)
+        query_rows = text_len * (self.num_heads // self.num_kv_heads)  # per K/V head, as attend
+        contiguous = _contiguous_kv_is_faster(image_features, query_rows, torch.is_grad_enabled())
         if not key_moved:
-            return (*self._project_kv(image_features), None)
+            return (*self._project_kv(image_features, contiguous=contiguous), None)
         value_bias = self._value_bias()  # the key bias's zero gradient attached
-        if value_moved:
-            return (*self._project_kv(image_features, (None, None)), value_bias)
-        return (*self._project_kv(image_features, (None, value_bias)), None)
+        biases = (None, None) if value_moved else (None, value_bias)
+        key, value = self._project_kv(image_features, biases, contiguous=contiguous)
+        return key, value, value_bias if value_moved else None
 
     def _kv_biases_after(
         self, dropout_p: float, image_len: int, text_len: int
