@@ -33,7 +33,7 @@ ABSORBABLE = [
 ]
 
 
-def _spy(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+def count_absorbed_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Count the calls of ``CrossModalAttention._attend_absorbed``."""
     calls: list[int] = []
     original = CrossModalAttention._attend_absorbed
@@ -50,7 +50,7 @@ def _spy(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def absorbed_runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Force the absorbed path wherever it is allowed; a list that counts its calls."""
     monkeypatch.setattr(xmodal.attention, "absorbed_is_cheaper", lambda **kw: True)
-    return _spy(monkeypatch)
+    return count_absorbed_calls(monkeypatch)
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,7 +204,7 @@ def test_absorbed_compiles_fullgraph(absorbed_runs: list[int]) -> None:
 def test_auto_rule_at_the_notebook_shape(
     monkeypatch: pytest.MonkeyPatch, t: int, dtype: torch.dtype, want: bool
 ) -> None:
-    calls = _spy(monkeypatch)
+    calls = count_absorbed_calls(monkeypatch)
     module = CrossModalAttention(256, 8, dropout=0.0).eval().to(dtype)
     module(
         torch.randn(4, t, 256, dtype=dtype),
@@ -238,7 +238,7 @@ def test_absorbed_path_steps_aside(monkeypatch: pytest.MonkeyPatch, case: str) -
     # Each of these must run the projected path even where the rule says absorbing is cheaper:
     # weights are the explicit path's; a cache has no image features; the key norm acts on
     # projected keys; a hook or a subclassed projection must see itself run.
-    calls = _spy(monkeypatch)
+    calls = count_absorbed_calls(monkeypatch)
     module = CrossModalAttention(256, 8, dropout=0.0, qk_norm=case == "qk_norm").eval()
     text, image = torch.randn(2, 1, 256), torch.randn(2, 196, 256)
     seen: list[int] = []
@@ -333,7 +333,7 @@ def test_which_path_names_what_forward_runs(
     monkeypatch: pytest.MonkeyPatch, case: str, want: str
 ) -> None:
     # The answer must match what forward then does: the absorbed path, SDPA, or neither.
-    absorbed = _spy(monkeypatch)
+    absorbed = count_absorbed_calls(monkeypatch)
     sdpa_calls: list[int] = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
 

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from test_absorbed import count_absorbed_calls
 from torch import Tensor
 
 from xmodal import CrossModalAttention, GatedCrossAttentionBlock, ImageKV
@@ -125,14 +126,7 @@ def test_uncached_step_is_absorbed_and_equals_the_cached_step(
 ) -> None:
     # Without a cache, a one-token step on CPU takes the absorbed path (no keys or values:
     # docs/benchmarks.md); it must give the cached step's output, token by token.
-    absorbed: list[int] = []
-    original = CrossModalAttention._attend_absorbed
-
-    def counted(self: CrossModalAttention, *args: Any, **kwargs: Any) -> Tensor:
-        absorbed.append(1)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(CrossModalAttention, "_attend_absorbed", counted)
+    absorbed = count_absorbed_calls(monkeypatch)
     module = _attention(num_kv_heads, qk_norm=False)
     text = torch.randn(B, T, D, dtype=torch.float64)
     image = torch.randn(B, N, E, dtype=torch.float64)
