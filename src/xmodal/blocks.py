@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from xmodal.attention import CrossModalAttention, ImageKV, _check_features
+from xmodal.attention import CrossModalAttention, ImageKV, _any_last, _check_features
 from xmodal.feedforward import FeedForward
 from xmodal.gating import TanhGate
 from xmodal.masks import normalize_attention_mask
@@ -269,8 +269,10 @@ class GatedCrossAttentionBlock(nn.Module):
         )  # (b|1, h|1, t|1, i) bool, or None
         if image_len == 0:  # no image token at all: nothing to see (a static-shape branch)
             return text
-        # (b|1, t|1, 1): does this token see at least one image token, through any head?
-        has_media = None if mask is None else mask.any(dim=-1).any(dim=1).unsqueeze(-1)
+        # (b|1, t|1, 1): does this token see at least one image token, through any head? (a
+        # byte-wise max over the image axis: `any` on a bool mask is slow on CPU, 7.4 ms against
+        # 0.23 ms at (8, 1, 512, 1024), one thread)
+        has_media = None if mask is None else _any_last(mask).any(dim=1)
 
         y, _ = self.attn(self.norm(text), media, mask, need_weights=False, image_kv=image_kv)
         x = text + _where_media(self.attn_gate(y), has_media)
