@@ -29,9 +29,11 @@ from xmodal.feedforward import FeedForward
 from xmodal.gating import TanhGate
 from xmodal.masks import (
     MEDIA_POLICIES,
+    PreparedMask,
     media_attention_mask,
     media_locations_from_ids,
     normalize_attention_mask,
+    prepare_attention_mask,
     visible_media_range,
 )
 from xmodal.pointing import pointing_game
@@ -53,6 +55,7 @@ __all__ = [
     "GatedCrossAttentionBlock",
     "ImageKV",
     "PerceiverResampler",
+    "PreparedMask",
     "TanhGate",
     "__version__",
     "attend",
@@ -65,6 +68,7 @@ __all__ = [
     "media_locations_from_ids",
     "normalize_attention_mask",
     "pointing_game",
+    "prepare_attention_mask",
     "record_attention",
     "resampler_rollout",
     "rollout",

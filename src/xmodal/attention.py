@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from xmodal.masks import normalize_attention_mask
+from xmodal.masks import PreparedMask, normalize_attention_mask
+from xmodal.masks import any_last as _any_last
 
 __all__ = [
     "ABSORB_MAX_COST_RATIO",
@@ -163,16 +164,6 @@ def _fold_groups(q: Tensor, mask: Tensor | None, num_kv_heads: int) -> tuple[Ten
         else:
             mask = mask.expand(mb, h, t, i).reshape(mb, num_kv_heads, g * t, i)
     return q, mask
-
-
-def _any_last(mask: Tensor) -> Tensor:
-    """``mask.any(dim=-1, keepdim=True)`` for a boolean mask, as a byte-wise maximum.
-
-    The same values; ``any`` over the last axis of a boolean CPU tensor is slow (one thread,
-    torch 2.13: 1252 us against 16 us for a ``(1, 1, 1024, 512)`` mask, 273 against 39 us for
-    ``(4, 8, 20, 196)``).
-    """
-    return mask.view(torch.uint8).amax(dim=-1, keepdim=True).view(torch.bool)
 
 
 def _no_empty_rows(visible: Tensor) -> bool:
@@ -364,7 +355,7 @@ def attend(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    mask: Tensor | None = None,
+    mask: Tensor | PreparedMask | None = None,
     *,
     dropout_p: float = 0.0,
     need_weights: bool = False,
@@ -377,8 +368,10 @@ def attend(
     Args:
         q: queries ``(b, h, t, d)``.
         k, v: keys and values ``(b, k, i, d)``; ``h`` must be a multiple of ``k``.
-        mask: ``None`` or a boolean keep-mask broadcastable to ``(b, h, t, i)`` of rank 4
-            (see :func:`xmodal.masks.normalize_attention_mask`). ``True`` = may attend.
+        mask: ``None``, a boolean keep-mask broadcastable to ``(b, h, t, i)`` of rank 4
+            (see :func:`xmodal.masks.normalize_attention_mask`; ``True`` = may attend), or a
+            :class:`~xmodal.masks.PreparedMask` made for these sizes, whose rows that see
+            nothing and additive form for SDPA were found once.
         dropout_p: dropout on the attention probabilities (pass ``0.0`` in evaluation).
         need_weights: ``False`` runs the fused kernel (or, for bf16 training on CPU, the
             faster math path; see :func:`_math_is_faster`) and returns ``None`` weights; ``True``
@@ -402,6 +395,9 @@ def attend(
     b, h, t, d = q.shape
     num_kv_heads, i = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
+    prepared: PreparedMask | None = None
+    if isinstance(mask, PreparedMask):
+        prepared, mask = mask, mask.keep  # (b|1, h|1, t|1, i) bool
     if value_bias is not None:
         if dropout_p > 0:
             raise ValueError(
@@ -437,6 +433,7 @@ def attend(
     )
     if g > 1 and not sdpa_gqa:
         q, mask = _fold_groups(q, mask, num_kv_heads)  # (b, k, g·t, d)
+        prepared = None  # laid out for the unfolded rows
 
     # A row with no visible token would be a 0/0 softmax. Let it see everything (finite, with
     # finite gradients), then zero its output: the same rule on every kernel and torch version.
@@ -447,18 +444,24 @@ def attend(
         or value_bias is not None
         or not _sdpa_zeroes_empty_rows(q, grad, dropout_p > 0, sdpa_gqa)
     ):
-        visible = _any_last(mask)  # (b|1, ·, ·, 1)
-        if _no_empty_rows(visible):
-            visible = None  # nothing to guard: skip the guard's passes
+        if prepared is not None:  # found once, when the mask was prepared
+            visible = prepared.visible if prepared.empty_rows else None
+        else:
+            visible = _any_last(mask)  # (b|1, ·, ·, 1)
+            if _no_empty_rows(visible):
+                visible = None  # nothing to guard: skip the guard's passes
 
     if not explicit:
         if _contiguous_kv_is_faster(q, q.shape[2], grad):
             k, v = k.contiguous(), v.contiguous()  # (b, k, i, d) row-major per head
+        attn_mask = mask if mask is None or visible is None else mask | ~visible
+        if prepared is not None and visible is None and prepared.additive.dtype == q.dtype:
+            attn_mask = prepared.additive  # SDPA's own form, made once (-inf rows: see above)
         context = F.scaled_dot_product_attention(
             q,
             k,
             v,
-            attn_mask=mask if mask is None or visible is None else mask | ~visible,
+            attn_mask=attn_mask,
             dropout_p=dropout_p,
             scale=scale,
             enable_gqa=sdpa_gqa,
@@ -866,7 +869,7 @@ class CrossModalAttention(nn.Module):
         self,
         text_features: Tensor,
         image_features: Tensor | None = None,
-        attention_mask: Tensor | None = None,
+        attention_mask: Tensor | PreparedMask | None = None,
         *,
         need_weights: bool = True,
         image_kv: ImageKV | None = None,
@@ -880,7 +883,9 @@ class CrossModalAttention(nn.Module):
             attention_mask: keep-mask, ``True`` (or non-zero) = this query may attend to this
                 image token. ``(b, i)``, ``(b, t, i)`` or ``(b|1, h|1, t, i)``; leading sizes
                 may be 1 to broadcast. A query with no visible token gets a zero context (the
-                output is then ``output_proj``'s bias) and zero weights.
+                output is then ``output_proj``'s bias) and zero weights. Or a
+                :class:`~xmodal.masks.PreparedMask` (:func:`xmodal.prepare_attention_mask`),
+                checked and laid out once for every layer and step that reads it.
             need_weights: ``True`` (the notebook's behaviour, the default) takes the explicit
                 path and returns the ``(b, h, t, i)`` softmax probabilities, computed in float32
                 (float64 for float64 inputs) and returned in the input dtype, before dropout.
@@ -915,14 +920,8 @@ class CrossModalAttention(nn.Module):
         q = self.text_query(text_features).view(b, t, self.num_heads, self.head_dim)  # (b, t, h, d)
         if self.q_norm is not None:
             q = self.q_norm(q)
-        mask = normalize_attention_mask(
-            attention_mask,
-            batch_size=b,
-            num_heads=self.num_heads,
-            text_len=t,
-            image_len=image_len,
-            device=text_features.device,
-        )  # (b|1, h|1, t|1, i) bool
+        # (b|1, h|1, t|1, i) bool, or a PreparedMask checked for these sizes
+        mask = _mask_for_call(attention_mask, b, self.num_heads, t, image_len, text_features.device)
         dropout_p = self.dropout.p if self.training else 0.0
         if image_features is not None and self._absorbs(image_features, t, need_weights):
             context = self._attend_absorbed(q, image_features, mask, dropout_p)  # (b, t, h, d)
@@ -1077,7 +1076,11 @@ class CrossModalAttention(nn.Module):
         return bias
 
     def _attend_absorbed(
-        self, q: Tensor, image_features: Tensor, mask: Tensor | None, dropout_p: float
+        self,
+        q: Tensor,
+        image_features: Tensor,
+        mask: Tensor | PreparedMask | None,
+        dropout_p: float,
     ) -> Tensor:
         """Attention with the key and value projections folded into the query and output side.
 
@@ -1099,7 +1102,7 @@ class CrossModalAttention(nn.Module):
         Args:
             q: ``(b, t, h, d)`` queries (after the optional query norm), contiguous.
             image_features: ``(b, i, E)``.
-            mask: normalised keep-mask ``(b|1, h|1, t|1, i)`` or ``None``.
+            mask: normalised keep-mask ``(b|1, h|1, t|1, i)``, a prepared one, or ``None``.
 
         Returns:
             context ``(b, t, h, d)``, as :func:`attend` gives it after the projections.
@@ -1117,9 +1120,19 @@ class CrossModalAttention(nn.Module):
         q_image = q_image.view(k, b * t, g, e).transpose(0, 1).reshape(b, t * h, e)  # rows (t, h)
 
         x_t = image_features.transpose(1, 2)  # (b, E, i)
+        prepared: PreparedMask | None = None
+        if isinstance(mask, PreparedMask):
+            prepared, mask = mask, mask.keep
         if mask is not None and mask.shape[1] == 1 and mask.shape[2] == 1:
             # a key-padding mask (b|1, 1, 1, i): its bias rides on the product, no extra pass
-            bias = _mask_bias(mask, q_image.dtype).view(mask.shape[0], 1, i)
+            if (
+                prepared is not None
+                and not prepared.empty_rows  # (-inf rows would be NaN: the guard needs finite)
+                and prepared.additive.dtype == q_image.dtype
+            ):
+                bias = prepared.additive.view(mask.shape[0], 1, i)
+            else:
+                bias = _mask_bias(mask, q_image.dtype).view(mask.shape[0], 1, i)
             probs = torch.softmax(torch.baddbmm(bias, q_image, x_t), dim=-1)  # (b, t·h, i)
         else:
             scores = torch.bmm(q_image, x_t).view(b, t, h, i)
@@ -1142,7 +1155,13 @@ class CrossModalAttention(nn.Module):
             context = torch.baddbmm(bias, mixed, w_v_t)
         context = context.view(k, b * t, g, d).transpose(0, 1).reshape(b, t, h, d)
         if mask is not None:  # a row that sees nothing: zero context, value bias included
-            context = context * _any_last(mask).transpose(1, 2)  # (b|1, t|1, h|1, 1)
+            if prepared is not None:
+                visible = prepared.visible if prepared.empty_rows else None
+            else:
+                visible = _any_last(mask)
+                visible = None if _no_empty_rows(visible) else visible
+            if visible is not None:
+                context = context * visible.transpose(1, 2)  # (b|1, t|1, h|1, 1)
         return context
 
     def _check_image_kv(self, kv: ImageKV, batch_size: int, text: Tensor) -> None:
@@ -1213,6 +1232,34 @@ def _fresh_pages_each_call(x: Tensor, numel: int) -> bool:
     """
     size = numel * x.element_size()
     return x.device.type == "cpu" and size >= MALLOC_MMAP_THRESHOLD_MAX > size // 2
+
+
+def _mask_for_call(
+    mask: Tensor | PreparedMask | None,
+    batch_size: int,
+    num_heads: int,
+    text_len: int,
+    image_len: int,
+    device: torch.device,
+) -> Tensor | PreparedMask | None:
+    """A raw keep-mask normalised (``(b|1, h|1, t|1, i)`` bool), or a prepared one checked."""
+    if isinstance(mask, PreparedMask):
+        mask.check(
+            batch_size=batch_size,
+            num_heads=num_heads,
+            text_len=text_len,
+            image_len=image_len,
+            device=device,
+        )
+        return mask
+    return normalize_attention_mask(
+        mask,
+        batch_size=batch_size,
+        num_heads=num_heads,
+        text_len=text_len,
+        image_len=image_len,
+        device=device,
+    )
 
 
 def _owns_its_memory(p: Tensor) -> bool:

@@ -138,6 +138,7 @@ def _params(m: nn.Module) -> list[Tensor]:
 def _xmodal(need_weights: bool, bias: bool = True, absorb: bool = True) -> Builder:
     def build(cell: Cell, x: Inputs, device: torch.device) -> Prepared:
         from xmodal.attention import CrossModalAttention
+        from xmodal.masks import prepare_attention_mask
 
         s = cell.shape
         m = CrossModalAttention(
@@ -150,9 +151,20 @@ def _xmodal(need_weights: bool, bias: bool = True, absorb: bool = True) -> Build
             absorb_projections=absorb,
         )
         m = _module(m, cell, device)
+        # Prepared once, outside the timed call, as a model prepares it for all its layers
+        # (and as the Hugging Face layers below get an additive mask built outside it).
+        mask = prepare_attention_mask(
+            x.keep,
+            batch_size=s.batch,
+            num_heads=s.num_heads,
+            text_len=s.text_len,
+            image_len=s.image_len,
+            dtype=cell.torch_dtype,
+            device=device,
+        )
 
         def fn() -> Tensor:
-            return m(x.text, x.image, x.keep, need_weights=need_weights)[0]
+            return m(x.text, x.image, mask, need_weights=need_weights)[0]
 
         return Prepared(fn, _params(m), module=m)
 
