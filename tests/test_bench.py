@@ -403,7 +403,9 @@ print(said, "|", resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="hold_freed_memory tunes glibc's malloc (Linux)"
+)
 def test_hold_freed_memory_stops_page_faults_between_calls() -> None:
     def faults(mode: str) -> tuple[str, int]:
         out = subprocess.run(

@@ -20,6 +20,7 @@ from torch import Tensor
 
 import xmodal.attention
 import xmodal.blocks
+import xmodal.masks
 from xmodal import (
     GatedCrossAttentionBlock,
     PreparedMask,
@@ -136,6 +137,12 @@ def test_prepared_mask_holds_the_normalised_mask_its_rows_and_sdpas_form() -> No
     assert prepared.additive.view(2, 3).tolist() == [[0, float("-inf"), 0], [float("-inf")] * 3]
     assert not prepared_for(raw[:1], 1, 4, 5, 3).empty_rows
     assert prepare_attention_mask(None, batch_size=2, num_heads=4, text_len=5, image_len=3) is None
+    assert (
+        prepare_attention_mask(prepared, batch_size=2, num_heads=4, text_len=5, image_len=3)
+        is prepared
+    )
+    with pytest.raises(ValueError, match=r"does not fit scores"):
+        prepare_attention_mask(prepared, batch_size=2, num_heads=4, text_len=5, image_len=4)
 
 
 def test_a_call_skips_the_work_done_when_the_mask_was_prepared(
@@ -155,9 +162,9 @@ def test_a_call_skips_the_work_done_when_the_mask_was_prepared(
         return counted
 
     monkeypatch.setattr(
-        xmodal.attention,
+        xmodal.masks,
         "normalize_attention_mask",
-        spy("normalize", xmodal.attention.normalize_attention_mask),
+        spy("normalize", xmodal.masks.normalize_attention_mask),
     )
     monkeypatch.setattr(xmodal.attention, "_any_last", spy("any", xmodal.attention._any_last))
     module(text, image, mask, need_weights=False)  # the value bias needs the empty rows found

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from xmodal.masks import PreparedMask, normalize_attention_mask
+from xmodal.masks import PreparedMask, mask_for_call
 from xmodal.masks import any_last as _any_last
 
 __all__ = [
@@ -921,7 +921,7 @@ class CrossModalAttention(nn.Module):
         if self.q_norm is not None:
             q = self.q_norm(q)
         # (b|1, h|1, t|1, i) bool, or a PreparedMask checked for these sizes
-        mask = _mask_for_call(attention_mask, b, self.num_heads, t, image_len, text_features.device)
+        mask = mask_for_call(attention_mask, b, self.num_heads, t, image_len, text_features.device)
         dropout_p = self.dropout.p if self.training else 0.0
         if image_features is not None and self._absorbs(image_features, t, need_weights):
             context = self._attend_absorbed(q, image_features, mask, dropout_p)  # (b, t, h, d)
@@ -1232,34 +1232,6 @@ def _fresh_pages_each_call(x: Tensor, numel: int) -> bool:
     """
     size = numel * x.element_size()
     return x.device.type == "cpu" and size >= MALLOC_MMAP_THRESHOLD_MAX > size // 2
-
-
-def _mask_for_call(
-    mask: Tensor | PreparedMask | None,
-    batch_size: int,
-    num_heads: int,
-    text_len: int,
-    image_len: int,
-    device: torch.device,
-) -> Tensor | PreparedMask | None:
-    """A raw keep-mask normalised (``(b|1, h|1, t|1, i)`` bool), or a prepared one checked."""
-    if isinstance(mask, PreparedMask):
-        mask.check(
-            batch_size=batch_size,
-            num_heads=num_heads,
-            text_len=text_len,
-            image_len=image_len,
-            device=device,
-        )
-        return mask
-    return normalize_attention_mask(
-        mask,
-        batch_size=batch_size,
-        num_heads=num_heads,
-        text_len=text_len,
-        image_len=image_len,
-        device=device,
-    )
 
 
 def _owns_its_memory(p: Tensor) -> bool:

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from xmodal.attention import CrossModalAttention, ImageKV, _check_features, _mask_for_call
+from xmodal.attention import CrossModalAttention, ImageKV, _check_features
 from xmodal.feedforward import FeedForward
 from xmodal.gating import TanhGate
-from xmodal.masks import PreparedMask, any_last
+from xmodal.masks import PreparedMask, any_last, mask_for_call
 
 __all__ = ["GatedCrossAttentionBlock"]
 
@@ -261,7 +261,7 @@ class GatedCrossAttentionBlock(nn.Module):
             if not isinstance(image_kv, ImageKV):
                 raise TypeError(f"image_kv must be an ImageKV, got {type(image_kv).__name__}")
             image_len = image_kv.image_len
-        mask = _mask_for_call(attention_mask, b, self.num_heads, t, image_len, text.device)
+        mask = mask_for_call(attention_mask, b, self.num_heads, t, image_len, text.device)
         if image_len == 0:  # no image token at all: nothing to see (a static-shape branch)
             return text
         # (b|1, t|1, 1): does this token see at least one image token, through any head? (a

@@ -133,8 +133,9 @@ class PreparedMask:
     of the raw mask. Each call then skips what a raw mask costs it -- validation and broadcasting
     (:func:`normalize_attention_mask`), the search for rows that see nothing, and SDPA's
     conversion of a boolean mask into an additive one: 56-156 us a layer on CPU at the seed
-    notebook's shape (one thread; the mask then costs 28-68 instead of 89-224 us). A Flamingo model reads one mask in every cross-attention layer, as
-    Hugging Face models build their additive 4-D mask once per forward pass.
+    notebook's shape (one thread; the mask then costs 28-68 instead of 89-224 us). A Flamingo
+    model reads one mask in every cross-attention layer, as Hugging Face models build their
+    additive 4-D mask once per forward pass.
 
     Attributes:
         keep: ``(b|1, h|1, t|1, i)`` bool, ``True`` = may attend (as
@@ -175,8 +176,41 @@ class PreparedMask:
             raise ValueError(f"{name} is on {self.keep.device}, but the features are on {device}")
 
 
+def mask_for_call(
+    mask: Tensor | PreparedMask | None,
+    batch_size: int,
+    num_heads: int,
+    text_len: int,
+    image_len: int,
+    device: torch.device | None,
+) -> Tensor | PreparedMask | None:
+    """A raw keep-mask normalised (``(b|1, h|1, t|1, i)`` bool), or a prepared one checked.
+
+    What every layer does with the ``attention_mask`` it is given.
+    """
+    if isinstance(mask, PreparedMask):
+        if device is None:
+            device = mask.keep.device
+        mask.check(
+            batch_size=batch_size,
+            num_heads=num_heads,
+            text_len=text_len,
+            image_len=image_len,
+            device=device,
+        )
+        return mask
+    return normalize_attention_mask(
+        mask,
+        batch_size=batch_size,
+        num_heads=num_heads,
+        text_len=text_len,
+        image_len=image_len,
+        device=device,
+    )
+
+
 def prepare_attention_mask(
-    mask: Tensor | None,
+    mask: Tensor | PreparedMask | None,
     *,
     batch_size: int,
     num_heads: int,
@@ -188,7 +222,8 @@ def prepare_attention_mask(
     """Check a keep-mask once and lay it out for every call that will read it.
 
     Args:
-        mask: ``None`` or a keep-mask as :func:`normalize_attention_mask` takes it.
+        mask: ``None``, a keep-mask as :func:`normalize_attention_mask` takes it, or a
+            :class:`PreparedMask` (checked against these sizes and returned as it is).
         batch_size, num_heads, text_len, image_len: the sizes of the scores it must fit. A mask
             without a head axis fits any number of heads: pass any (``1``).
         dtype: the dtype of the queries that will read it (the additive form's dtype).
@@ -201,16 +236,9 @@ def prepare_attention_mask(
     Raises:
         TypeError, ValueError: as :func:`normalize_attention_mask`.
     """
-    keep = normalize_attention_mask(
-        mask,
-        batch_size=batch_size,
-        num_heads=num_heads,
-        text_len=text_len,
-        image_len=image_len,
-        device=device,
-    )
-    if keep is None:
-        return None
+    keep = mask_for_call(mask, batch_size, num_heads, text_len, image_len, device)
+    if not isinstance(keep, Tensor):  # None, or prepared already (checked for these sizes)
+        return keep
     visible = any_last(keep)
     try:
         empty_rows = not bool(visible.all())
